@@ -1,0 +1,29 @@
+# Copyright (c) DAGMaN components contributors.
+# Licensed under the Apache License, Version 2.0.
+"""CT data: datalists from folders or JSON, volume checks, and the one CT preprocessing."""
+
+from __future__ import annotations
+
+from .datalist import DICOM_EXTENSION, VOLUME_EXTENSIONS, DataSourceError, build_datalist, validate_volumes
+from .transforms import (
+    DEFAULT_SPACING,
+    HU_WINDOW,
+    WarnIfNotHounsfieldd,
+    check_roi_size,
+    ct_load_and_normalise,
+    pretraining_transforms,
+)
+
+__all__ = [
+    "DICOM_EXTENSION",
+    "DEFAULT_SPACING",
+    "HU_WINDOW",
+    "VOLUME_EXTENSIONS",
+    "DataSourceError",
+    "WarnIfNotHounsfieldd",
+    "build_datalist",
+    "check_roi_size",
+    "ct_load_and_normalise",
+    "pretraining_transforms",
+    "validate_volumes",
+]
