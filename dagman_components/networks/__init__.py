@@ -1,0 +1,5 @@
+"""Networks: the Swin-DAGMaN encoder, its heads and the pretraining wrapper."""
+
+from dagman_components.networks.heads import ProjectionHead, ReconstructionHead
+from dagman_components.networks.pretrain import DAGMaNPretrainNetwork, make_teacher, unwrap
+from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SemanticAttention, SwinDAGMaN

@@ -1,0 +1,84 @@
+"""Projection heads (DINO style) and the masked-image reconstruction head (SMIT's decoder)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import SubpixelUpsample
+
+__all__ = ["ProjectionHead", "ReconstructionHead"]
+
+
+class ProjectionHead(nn.Module):
+    """MLP ``in -> hidden -> hidden -> bottleneck`` (GELU), L2 normalisation, then a weight-normalised
+    linear layer without bias to ``out_dim`` prototypes whose norm is frozen at 1.
+
+    Works on any leading shape: (B, C) or (B, N, C) in, (..., out_dim) out.
+
+    Args:
+        in_dim: input width.
+        out_dim: number of prototypes K (8192 in METHOD.md).
+        hidden_dim: MLP width (2048).
+        bottleneck_dim: width before the prototype layer (256).
+        nlayers: MLP layers (3).
+
+    Raises:
+        ValueError: when a dimension is not positive or ``nlayers < 1``.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int = 8192, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
+    ) -> None:
+        super().__init__()
+        if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1 or nlayers < 1:
+            raise ValueError("ProjectionHead dimensions must be positive and nlayers >= 1.")
+        widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        self.last_layer.parametrizations.weight.original0.requires_grad = False
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the prototype layer (frozen during the first epoch)."""
+        return [p for p in self.last_layer.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project tokens to prototype logits."""
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return self.last_layer(x)
+
+
+class ReconstructionHead(nn.Module):
+    """SMIT's decoder: a 1x1x1 convolution from the last stage output to ``stride^3 * out_channels``
+    values, pixel-shuffled back to the input size (MONAI ``SubpixelUpsample``).
+
+    Args:
+        in_dim: channels of the last stage output (768 for the defaults).
+        stride: input voxels per side of one last-stage cell (32 for the defaults).
+        out_channels: image channels to reconstruct.
+    """
+
+    def __init__(self, in_dim: int, stride: int = 32, out_channels: int = 1) -> None:
+        super().__init__()
+        self.shuffle = SubpixelUpsample(
+            spatial_dims=3,
+            in_channels=in_dim,
+            out_channels=out_channels,
+            scale_factor=stride,
+            conv_block=nn.Conv3d(in_dim, out_channels * stride**3, kernel_size=1),
+            apply_pad_pool=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim, d, h, w) -> (B, out_channels, d*stride, h*stride, w*stride)."""
+        return self.shuffle(x)

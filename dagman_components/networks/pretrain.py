@@ -1,0 +1,104 @@
+"""The DAGMaN pretraining network: encoder plus its heads, and the EMA teacher built from it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from dagman_components.networks.heads import ProjectionHead, ReconstructionHead
+from dagman_components.networks.swin_dagman import SwinDAGMaN
+
+__all__ = ["DAGMaNPretrainNetwork", "make_teacher", "unwrap"]
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """Return the module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper, else itself."""
+    return network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
+
+
+class DAGMaNPretrainNetwork(nn.Module):
+    """Swin-DAGMaN encoder with three projection heads ([CLS], SA patch tokens, global token) and,
+    for the student, the reconstruction head.
+
+    Args:
+        encoder: the :class:`SwinDAGMaN` encoder.
+        out_dim: prototypes K of each projection head (8192 in METHOD.md).
+        hidden_dim: projection MLP width (2048).
+        bottleneck_dim: projection bottleneck (256).
+        with_reconstruction: build the reconstruction head (the student needs it, the teacher not).
+
+    Example::
+
+        net = DAGMaNPretrainNetwork(SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3)), out_dim=64, hidden_dim=32,
+                                    bottleneck_dim=16)
+        out = net(torch.rand(2, 1, 64, 64, 64))  # keys: cls, patch_tokens, s_att, global, features, cls_logits, ...
+    """
+
+    def __init__(
+        self,
+        encoder: SwinDAGMaN,
+        out_dim: int = 8192,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        with_reconstruction: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        head_args = {"out_dim": out_dim, "hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim}
+        self.cls_head = ProjectionHead(encoder.sa_dim, **head_args)
+        self.patch_head = ProjectionHead(encoder.sa_dim, **head_args)
+        self.global_head = ProjectionHead(encoder.out_dim, **head_args)
+        self.recon_head = (
+            ReconstructionHead(encoder.out_dim, encoder.input_divisor, encoder.in_channels)
+            if with_reconstruction
+            else None
+        )
+
+    def projection_heads(self) -> list[ProjectionHead]:
+        """The three projection heads, in the order cls, patch, global."""
+        return [self.cls_head, self.patch_head, self.global_head]
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, token_drop: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Encode and project.
+
+        Args:
+            x: images (B, C, D, H, W).
+            mask: optional student mask on the patch-embedding grid (see :class:`SwinDAGMaN`).
+            token_drop: optional teacher patch-dropout map on the patch-embedding grid.
+
+        Returns:
+            The encoder's dict plus ``cls_logits`` (B, K), ``patch_logits`` (B, N, K),
+            ``global_logits`` (B, K) and, with the reconstruction head, ``recon`` shaped like ``x``.
+        """
+        out = self.encoder(x, mask=mask, token_drop=token_drop)
+        out["cls_logits"] = self.cls_head(out["cls"])
+        out["patch_logits"] = self.patch_head(out["patch_tokens"])
+        out["global_logits"] = self.global_head(out["global"])
+        if self.recon_head is not None:
+            out["recon"] = self.recon_head(out["features"][-1])
+        return out
+
+
+def make_teacher(student: nn.Module) -> DAGMaNPretrainNetwork:
+    """Build the EMA teacher: a copy of the student without the reconstruction head, with no
+    gradients and in eval mode (no stochastic depth).
+
+    Args:
+        student: a :class:`DAGMaNPretrainNetwork`, possibly wrapped in DDP.
+
+    Returns:
+        The teacher network, on the student's device.
+    """
+    src = unwrap(student)
+    recon, src.recon_head = src.recon_head, None
+    try:
+        teacher = copy.deepcopy(src)
+    finally:
+        src.recon_head = recon
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

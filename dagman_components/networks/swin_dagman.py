@@ -1,0 +1,231 @@
+"""Swin-DAGMaN encoder: MONAI's 3D Swin transformer with a mask token and a semantic-attention block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import TransformerBlock
+from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.utils import ensure_tuple_rep
+
+__all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS"]
+
+#: The Swin settings of METHOD.md (SMIT production setting); every bundle starts from these.
+ENCODER_DEFAULTS: dict = {
+    "in_channels": 1,
+    "embed_dim": 48,
+    "depths": (2, 2, 8, 2),
+    "num_heads": (4, 4, 8, 16),
+    "window_size": 4,
+    "patch_size": 2,
+    "sa_stage": 3,
+    "sa_depth": 2,
+    "sa_heads": 8,
+}
+
+
+class SemanticAttention(nn.Module):
+    """Global self-attention over one Swin stage's tokens with a learnable [CLS] token.
+
+    Two (by default) pre-norm ViT blocks (MONAI ``TransformerBlock``) see every token of the stage
+    at once; the last block keeps its post-softmax attention so that the [CLS]-to-patch row can
+    guide masking. There is no absolute position embedding, so any ROI divisible by 32 is valid.
+
+    Args:
+        dim: token width (the stage's channel count after merging).
+        depth: number of transformer blocks.
+        num_heads: attention heads per block; ``dim`` must be divisible by it.
+        mlp_ratio: width of each block's MLP relative to ``dim``.
+        drop_rate: dropout inside the blocks.
+
+    Raises:
+        ValueError: when ``dim`` is not divisible by ``num_heads`` or ``depth < 1``.
+    """
+
+    def __init__(self, dim: int, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0, drop_rate: float = 0.0):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"sa_depth must be at least 1, got {depth}.")
+        if dim % num_heads != 0:
+            raise ValueError(f"sa_heads={num_heads} must divide the semantic-attention width {dim}.")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                hidden_size=dim,
+                mlp_dim=int(dim * mlp_ratio),
+                num_heads=num_heads,
+                dropout_rate=drop_rate,
+                qkv_bias=True,
+                save_attn=i == depth - 1,
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend globally.
+
+        Args:
+            tokens: patch tokens, shape (B, N, C).
+
+        Returns:
+            ``(stream, normed, s_att)``: the residual stream of the patch tokens (B, N, C), which
+            continues into the next Swin stage; the final-norm output of [CLS] and patch tokens
+            (B, 1 + N, C); and S_ATT, the head-averaged [CLS]-to-patch attention of the last block
+            with the [CLS] column dropped and renormalised, shape (B, N), summing to 1.
+        """
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        att = self.blocks[-1].attn.att_mat  # (B, heads, 1 + N, 1 + N), post-softmax, detached
+        cls_to_patch = att[:, :, 0, 1:].mean(dim=1)
+        s_att = cls_to_patch / cls_to_patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        return x[:, 1:], self.norm(x), s_att
+
+
+class SwinDAGMaN(SwinTransformer):
+    """MONAI's 3D ``SwinTransformer`` with a learnable mask token and a semantic-attention block.
+
+    The Swin part keeps MONAI's parameter names, so its state dict loads into
+    ``SwinUNETR.swinViT`` unchanged. Two inputs change the patch-embedding tokens before stage 1:
+    ``mask`` replaces tokens by the mask token (``x*(1-m) + t*m``, the student's masked view) and
+    ``token_drop`` sets tokens to zero (the noisy teacher's patch dropout). After stage
+    ``sa_stage`` (after its patch merging) the tokens pass through :class:`SemanticAttention`,
+    whose patch tokens continue into the next stage.
+
+    Args:
+        in_channels: image channels.
+        embed_dim: patch-embedding width (48 in METHOD.md).
+        depths: Swin blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: local window size (int for isotropic).
+        patch_size: patch-embedding size (int for isotropic).
+        sa_stage: 1-based stage after which the semantic-attention block sits (1..len(depths)).
+        sa_depth: transformer blocks in the semantic-attention block.
+        sa_heads: attention heads of the semantic-attention block.
+        mlp_ratio: MLP width ratio of every block.
+        drop_path_rate: stochastic depth of the Swin blocks (0.1 for the student, 0 for inference).
+        use_checkpoint: MONAI's gradient-checkpointing switch (saves memory at 128^3 on small GPUs).
+
+    Raises:
+        ValueError: for an ``sa_stage`` outside 1..len(depths) or an SA width not divisible by
+            ``sa_heads``.
+
+    Example::
+
+        net = SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3))
+        out = net(torch.rand(1, 1, 64, 64, 64))
+        out["cls"].shape, out["s_att"].shape  # (1, 96), (1, 64)
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        embed_dim: int = 48,
+        depths: Sequence[int] = (2, 2, 8, 2),
+        num_heads: Sequence[int] = (4, 4, 8, 16),
+        window_size: Sequence[int] | int = 4,
+        patch_size: Sequence[int] | int = 2,
+        sa_stage: int = 3,
+        sa_depth: int = 2,
+        sa_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        use_checkpoint: bool = False,
+    ) -> None:
+        if not 1 <= sa_stage <= len(depths):
+            raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
+        super().__init__(
+            in_chans=in_channels,
+            embed_dim=embed_dim,
+            window_size=ensure_tuple_rep(window_size, 3),
+            patch_size=ensure_tuple_rep(patch_size, 3),
+            depths=depths,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+        )
+        self.in_channels = in_channels
+        self.sa_stage = sa_stage
+        self.sa_dim = embed_dim * 2**sa_stage
+        self.out_dim = embed_dim * 2 ** len(depths)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
+        self.sa = SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio)
+
+    @property
+    def sa_stride(self) -> int:
+        """Voxels per side of one semantic-attention (mask-grid) cell."""
+        return int(self.patch_size[0]) * 2**self.sa_stage
+
+    @property
+    def patches_per_sa_cell(self) -> int:
+        """Patch-embedding tokens per side of one semantic-attention cell."""
+        return 2**self.sa_stage
+
+    @property
+    def input_divisor(self) -> int:
+        """Every spatial side of the input must be a multiple of this (32 for the defaults)."""
+        return int(self.patch_size[0]) * 2 ** len(self.layers_list())
+
+    def layers_list(self) -> list[nn.Module]:
+        """The Swin stages in order (MONAI keeps them in ``layers1`` .. ``layers4``)."""
+        return [getattr(self, f"layers{i + 1}")[0] for i in range(self.num_layers)]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ``ValueError`` naming the problem when ``x`` is not (B, C, D, H, W) with sides divisible by 32."""
+        if x.ndim != 5:
+            raise ValueError(f"SwinDAGMaN expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"SwinDAGMaN was built with in_channels={self.in_channels}, got {x.shape[1]} channels.")
+        bad = [s for s in x.shape[2:] if s % self.input_divisor]
+        if bad:
+            raise ValueError(
+                f"every spatial side must be divisible by {self.input_divisor} (roi_size); got {tuple(x.shape[2:])}."
+            )
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, token_drop: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Encode a batch.
+
+        Args:
+            x: images, (B, C, D, H, W), sides divisible by :attr:`input_divisor`.
+            mask: optional boolean or {0, 1} mask on the patch-embedding grid, (B, D/p, H/p, W/p);
+                ones are replaced by the mask token.
+            token_drop: optional {0, 1} drop map on the patch-embedding grid; ones are set to zero.
+
+        Returns:
+            A dict with ``cls`` (B, C_sa), ``patch_tokens`` (B, N, C_sa) on the SA grid (normed),
+            ``s_att`` (B, N), ``global`` (B, C_out) the average-pooled last-stage output,
+            ``features`` the list of MONAI's five normalised hidden states (patch embedding and
+            each stage after merging; the last one is (B, C_out, D/32, H/32, W/32)), and
+            ``sa_grid`` the SA grid shape as a (3,) long tensor.
+        """
+        self.check_input(x)
+        x0 = self.patch_embed(x)
+        if mask is not None:
+            m = mask.to(x0.dtype).unsqueeze(1)
+            x0 = x0 * (1.0 - m) + self.mask_token.to(x0.dtype) * m
+        if token_drop is not None:
+            x0 = x0 * (1.0 - token_drop.to(x0.dtype).unsqueeze(1))
+        h = self.pos_drop(x0)
+        features = [self.proj_out(h, True)]
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        for stage, layer in enumerate(self.layers_list(), start=1):
+            h = layer(h.contiguous())
+            if stage == self.sa_stage:
+                b, c, d, hh, w = h.shape
+                stream, normed, s_att = self.sa(h.flatten(2).transpose(1, 2))
+                h = stream.transpose(1, 2).reshape(b, c, d, hh, w)
+                out.update(cls=normed[:, 0], patch_tokens=normed[:, 1:], s_att=s_att)
+                out["sa_grid"] = torch.tensor([d, hh, w])
+            features.append(self.proj_out(h, True))
+        out["features"] = features
+        out["global"] = features[-1].mean(dim=(2, 3, 4))
+        return out
