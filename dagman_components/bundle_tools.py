@@ -1,0 +1,394 @@
+"""Check a MONAI bundle the way the model zoo's pull-request checks do, and package it as a zip.
+
+The checks follow what ``Project-MONAI/model-zoo`` verifies for a bundle (``ci/verify_bundle.py``
+and its contributing guide): a non-empty ``LICENSE``; ``configs/metadata.json`` that is valid JSON
+and valid against the bundle metadata schema; ``version`` listed in ``changelog``; a
+``docs/README.md``; config files that parse; the weights an inference config needs; and a
+``large_files.yml`` (``.yaml``/``.json``) whose entries say where each large file is downloaded from.
+
+``package_bundle`` writes ``<out_dir>/<bundle_name>_v<version>.zip`` (the zoo's release naming) with
+the bundle folder as its single top-level folder. What it leaves out, and why:
+
+* ``__pycache__`` and hidden folders anywhere; ``eval/``, ``runs/``, ``logs/``, ``log/``,
+  ``mlruns/`` at the bundle root (training and evaluation outputs);
+* hidden files (``.*``), ``*.tmp``, ``*.log``, ``*.pyc``/``*.pyo`` and editor backups ``*~``;
+* everything under ``models/`` except the shipped weights, ``models/model.pt`` and
+  ``models/model.ts`` (``keep_models``): training writes its checkpoints there
+  (``checkpoint_*.pt``, ``model_key_metric=*.pt``, optimiser states) and they are not part of a release;
+* any file larger than ``max_file_mb`` (the zoo's limit is 25 MB per file), except the files
+  the checks require (``LICENSE``, ``configs/*``, ``docs/README.md``): it is listed in
+  ``large_files.yml`` with its sha256 and an empty ``url`` to fill in once the file is hosted. The
+  list is written inside the zip (``<bundle_name>/large_files.yml``, where
+  ``monai.bundle.download_large_files`` looks for it) and next to the zip as
+  ``<bundle_name>_v<version>_large_files.yml`` (prefixed so several bundles can share ``out_dir``).
+
+Symbolic links to folders are not followed; symbolic links to files are packaged by content.
+
+Example::
+
+    from dagman_components.bundle_tools import check_bundle, package_bundle
+
+    problems = check_bundle("bundles/dagman_pretrain", require_weights=False)
+    zip_path = package_bundle("bundles/dagman_pretrain", "dist")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+__all__ = [
+    "DEFAULT_SCHEMA_PATH",
+    "SCHEMA_URL",
+    "BundleCheckError",
+    "bundle_files",
+    "check_bundle",
+    "package_bundle",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_URL = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+DEFAULT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+INFERENCE_CONFIGS = tuple(f"configs/inference{suffix}" for suffix in CONFIG_SUFFIXES)
+LARGE_FILES_NAMES = ("large_files.yml", "large_files.yaml", "large_files.json")
+HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what monai.apps.utils.check_hash accepts
+KEEP_MODELS = ("model.pt", "model.ts")
+EXCLUDED_ROOT_DIRS = frozenset({"eval", "runs", "logs", "log", "mlruns"})
+EXCLUDED_DIRS = frozenset({"__pycache__"})
+EXCLUDED_FILE_PATTERNS = (".*", "*.tmp", "*.log", "*.pyc", "*.pyo", "*~")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SNAKE_CASE = re.compile(r"^[a-z0-9]+(_[a-z0-9]+)*$")
+_SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_CHUNK = 1 << 20
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed time stamps: the same bundle gives the same zip bytes
+
+
+class BundleCheckError(ValueError):
+    """A bundle failed :func:`check_bundle`; ``problems`` lists what is wrong, one string each."""
+
+    def __init__(self, bundle_dir: str | os.PathLike, problems: Sequence[str]):
+        self.bundle_dir = Path(bundle_dir)
+        self.problems = list(problems)
+        super().__init__(f"bundle {self.bundle_dir} has {len(self.problems)} problem(s):\n- " + "\n- ".join(problems))
+
+
+def _load_config(path: Path) -> object:
+    with path.open(encoding="utf-8") as f:
+        if path.suffix == ".json":
+            return json.load(f)
+        return yaml.safe_load(f)
+
+
+def _check_metadata(metadata: object, schema_file: Path, problems: list[str]) -> None:
+    where = "configs/metadata.json"
+    if not isinstance(metadata, dict):
+        problems.append(f"{where}: must hold a JSON object, got {type(metadata).__name__}")
+        return
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for error in sorted(validator.iter_errors(metadata), key=lambda e: [str(p) for p in e.absolute_path]):
+        at = "/".join(str(p) for p in error.absolute_path) or "<top level>"
+        problems.append(f"{where}: schema: {error.message} (at {at})")
+    version = metadata.get("version")
+    changelog = metadata.get("changelog")
+    if not isinstance(changelog, dict):
+        problems.append(f"{where}: 'changelog' is missing (the zoo requires it, keyed by version)")
+    elif isinstance(version, str) and version not in changelog:
+        problems.append(f"{where}: version {version!r} is not a key of 'changelog'")
+    if isinstance(version, str) and not _SAFE_VERSION.match(version):
+        problems.append(f"{where}: version {version!r} cannot be used in the zip name <name>_v<version>.zip")
+    url = metadata.get("schema")
+    if isinstance(url, str) and url.rsplit("/", 1)[-1] != schema_file.name:
+        logger.warning("%s: 'schema' names %s but was checked against %s", where, url, schema_file)
+
+
+def _read_large_files(bundle: Path, problems: list[str]) -> dict[str, dict]:
+    """Entries of the bundle's large_files.* keyed by path; malformed content goes to ``problems``."""
+    entries: dict[str, dict] = {}
+    for name in LARGE_FILES_NAMES:
+        path = bundle / name
+        if not path.is_file():
+            continue
+        try:
+            content = _load_config(path)
+        except (ValueError, yaml.YAMLError) as e:
+            problems.append(f"{name}: does not parse: {e}")
+            continue
+        items = content.get("large_files") if isinstance(content, dict) else None
+        if not isinstance(items, list):
+            problems.append(f"{name}: must hold a list under 'large_files'")
+            continue
+        for i, item in enumerate(items):
+            rel = item.get("path") if isinstance(item, dict) else None
+            if not isinstance(rel, str) or not rel:
+                problems.append(f"{name}: entry {i} has no 'path'")
+                continue
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                problems.append(f"{name}: path {rel!r} must be relative and inside the bundle")
+            if not item.get("url"):
+                problems.append(f"{name}: {rel} has no 'url' (host the file and fill it in)")
+            if item.get("hash_type") and item["hash_type"] not in HASH_TYPES:
+                problems.append(f"{name}: {rel} has hash_type {item['hash_type']!r}, expected one of {HASH_TYPES}")
+            entries[rel] = item
+    return entries
+
+
+def check_bundle(
+    bundle_dir: str | os.PathLike, schema_path: str | os.PathLike | None = None, require_weights: bool = True
+) -> list[str]:
+    """Check a bundle folder as the MONAI model zoo's pull-request checks would.
+
+    Args:
+        bundle_dir: the bundle folder (its name is the bundle name).
+        schema_path: the metadata JSON schema; defaults to the repository copy of
+            ``meta_schema_20240725.json`` (:data:`DEFAULT_SCHEMA_PATH`).
+        require_weights: when True, a bundle with ``configs/inference.{json,yaml,yml}`` needs
+            ``models/model.pt``, present or listed in ``large_files.yml``. Pass False for a bundle
+            whose weights a training run produces.
+
+    Returns:
+        the problems found, each ``"<file>: <what is wrong>"``; empty when the bundle passes.
+        Naming issues that the zoo tolerates (a folder name not in lower snake_case, or not
+        matching ``metadata["name"]``) are logged as warnings, not returned.
+
+    Example::
+
+        >>> check_bundle("bundles/does_not_exist")
+        ['bundles/does_not_exist: not a folder']
+    """
+    bundle = Path(bundle_dir)
+    if not bundle.is_dir():
+        return [f"{bundle_dir}: not a folder"]
+    problems: list[str] = []
+    name = bundle.resolve().name
+    if not _SAFE_NAME.match(name):
+        problems.append(f"{name}: the bundle folder name may only hold letters, digits and '_'")
+    elif not _SNAKE_CASE.match(name):
+        logger.warning("%s: the zoo names bundles in lower snake_case", name)
+
+    license_file = bundle / "LICENSE"
+    if not license_file.is_file():
+        problems.append("LICENSE: missing")
+    elif not license_file.read_text(encoding="utf-8", errors="replace").strip():
+        problems.append("LICENSE: empty")
+    readme = bundle / "docs" / "README.md"
+    if not readme.is_file():
+        problems.append("docs/README.md: missing")
+
+    configs = bundle / "configs"
+    meta_path = configs / "metadata.json"
+    if not meta_path.is_file():
+        problems.append("configs/metadata.json: missing")
+    for path in sorted(configs.rglob("*")) if configs.is_dir() else []:
+        if path.suffix not in CONFIG_SUFFIXES or not path.is_file():
+            continue
+        rel = path.relative_to(bundle).as_posix()
+        try:
+            content = _load_config(path)
+        except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problems.append(f"{rel}: does not parse: {e}")
+            continue
+        if path == meta_path:
+            _check_metadata(content, Path(schema_path or DEFAULT_SCHEMA_PATH), problems)
+            meta_name = content.get("name") if isinstance(content, dict) else None
+            if not isinstance(meta_name, str):
+                logger.warning("configs/metadata.json: no 'name' (the zoo's model browser shows it)")
+            elif meta_name.lower().replace(" ", "_") != name:
+                logger.warning("%s: folder name differs from metadata name %r", name, meta_name)
+
+    large_files = _read_large_files(bundle, problems)
+    inference = [c for c in INFERENCE_CONFIGS if (bundle / c).is_file()]
+    if require_weights and inference and not (bundle / "models" / "model.pt").is_file():
+        if "models/model.pt" not in large_files:
+            problems.append(f"models/model.pt: missing ({inference[0]} needs weights; or list it in large_files.yml)")
+    return problems
+
+
+def _excluded(rel: Path, keep_models: Sequence[str]) -> bool:
+    parts = rel.parts
+    if parts[0] in EXCLUDED_ROOT_DIRS and len(parts) > 1:
+        return True
+    if any(p in EXCLUDED_DIRS or p.startswith(".") for p in parts[:-1]):
+        return True
+    if any(fnmatch.fnmatch(parts[-1], pattern) for pattern in EXCLUDED_FILE_PATTERNS):
+        return True
+    return parts[0] == "models" and len(parts) > 1 and Path(*parts[1:]).as_posix() not in keep_models
+
+
+def bundle_files(
+    bundle_dir: str | os.PathLike, keep_models: Sequence[str] = KEEP_MODELS, skip: str | os.PathLike | None = None
+) -> list[Path]:
+    """The files :func:`package_bundle` takes from a bundle, relative to it, sorted.
+
+    Args:
+        bundle_dir: the bundle folder.
+        keep_models: paths under ``models/`` to ship; every other file there is left out.
+        skip: a folder to leave out entirely (the output folder when it lies inside the bundle).
+    """
+    bundle = Path(bundle_dir).resolve()
+    skip_dir = Path(skip).resolve() if skip is not None else None
+    files = []
+    for root, dirs, names in os.walk(bundle):
+        # prune what is left out anyway, so a large runs/ or eval/ tree is not walked
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (d in EXCLUDED_DIRS or d.startswith(".") or (Path(root) == bundle and d in EXCLUDED_ROOT_DIRS))
+            and (skip_dir is None or Path(root, d) != skip_dir)
+        ]
+        for n in names:
+            rel = (Path(root) / n).relative_to(bundle)
+            if (Path(root) / n).is_file() and not _excluded(rel, keep_models):
+                files.append(rel)
+    return sorted(files)
+
+
+def _is_required(rel: Path) -> bool:
+    """Files the bundle is not a bundle without; they stay in the zip whatever their size."""
+    return rel.parts[0] == "configs" or rel.as_posix() in ("LICENSE", "docs/README.md", *LARGE_FILES_NAMES)
+
+
+def _file_hash(path: Path, hash_type: str = "sha256") -> str:
+    digest = hashlib.new(hash_type)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _large_file_entry(bundle: Path, rel: Path, listed: dict | None) -> dict:
+    """A large_files entry for ``rel``; keeps the url of an existing entry whose hash still matches."""
+    sha = _file_hash(bundle / rel)
+    url = ""
+    if listed and listed.get("url") and listed.get("hash_val"):
+        hash_type = listed.get("hash_type") or "sha256"  # monai.apps.utils.download_url's default
+        if hash_type in HASH_TYPES and _file_hash(bundle / rel, hash_type) == str(listed["hash_val"]).lower():
+            url = listed["url"]
+    return {"path": rel.as_posix(), "url": url, "hash_val": sha, "hash_type": "sha256"}
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh hidden name next to ``path``; opened with mode "xb" it gets the umask's permissions."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = _temp_path(path)
+    try:
+        with tmp.open("xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _zip_info(arcname: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(arcname, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def package_bundle(
+    bundle_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    max_file_mb: float = 25.0,
+    *,
+    overwrite: bool = False,
+    require_weights: bool = True,
+    keep_models: Sequence[str] = KEEP_MODELS,
+    schema_path: str | os.PathLike | None = None,
+) -> Path:
+    """Check a bundle, then write ``<out_dir>/<bundle_name>_v<version>.zip``.
+
+    Files over ``max_file_mb`` are left out of the zip and listed (path, empty url, sha256) in
+    ``large_files.yml`` inside the zip and in ``<bundle_name>_v<version>_large_files.yml`` next to
+    it; entries of a ``large_files.*`` the bundle already has are kept. Both files are written to a
+    temporary name and renamed into place, so a failure leaves no partial zip.
+
+    Args:
+        bundle_dir: the bundle folder; its name is the bundle name and the zip's top-level folder.
+        out_dir: where to write the zip (created if missing).
+        max_file_mb: the largest file, in MiB, that goes into the zip.
+        overwrite: replace an existing zip of the same name.
+        require_weights: passed to :func:`check_bundle`.
+        keep_models: paths under ``models/`` to ship (see :func:`bundle_files`).
+        schema_path: passed to :func:`check_bundle`.
+
+    Returns:
+        the path of the zip.
+
+    Raises:
+        ValueError: when ``max_file_mb`` is not positive.
+        BundleCheckError: when :func:`check_bundle` finds problems; nothing is written.
+        FileExistsError: when the zip exists and ``overwrite`` is False.
+    """
+    if not max_file_mb > 0:
+        raise ValueError(f"max_file_mb must be positive, got {max_file_mb}.")
+    problems = check_bundle(bundle_dir, schema_path=schema_path, require_weights=require_weights)
+    if problems:
+        raise BundleCheckError(bundle_dir, problems)
+    bundle = Path(bundle_dir).resolve()
+    name = bundle.name
+    version = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
+    out = Path(out_dir)
+    if out.resolve() == bundle:
+        raise ValueError(f"out_dir must not be the bundle folder itself, got {out_dir}.")
+    zip_path = out / f"{name}_v{version}.zip"
+    sidecar = out / f"{name}_v{version}_large_files.yml"
+    if zip_path.exists() and not overwrite:
+        raise FileExistsError(f"{zip_path} exists; pass overwrite=True to replace it.")
+
+    limit = int(max_file_mb * 1024 * 1024)
+    files = bundle_files(bundle, keep_models=keep_models, skip=out)
+    large = [rel for rel in files if (bundle / rel).stat().st_size > limit and not _is_required(rel)]
+    listed = {}
+    if large:
+        listed = _read_large_files(bundle, [])  # the bundle's own entries (check_bundle found them valid)
+        for rel in large:
+            listed[rel.as_posix()] = _large_file_entry(bundle, rel, listed.get(rel.as_posix()))
+        files = [rel for rel in files if rel not in large and rel.as_posix() not in LARGE_FILES_NAMES]
+    large_yaml = yaml.safe_dump({"large_files": list(listed.values())}, sort_keys=False).encode() if large else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(zip_path)
+    try:
+        with tmp.open("xb") as f, zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+            for rel in files:
+                info = _zip_info(f"{name}/{rel.as_posix()}")
+                with (bundle / rel).open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            if large_yaml is not None:
+                zf.writestr(_zip_info(f"{name}/large_files.yml"), large_yaml)
+        if large_yaml is not None:
+            _write_bytes_atomic(sidecar, large_yaml)
+        else:
+            sidecar.unlink(missing_ok=True)  # a stale list from an earlier package would mislead
+        os.replace(tmp, zip_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if large:
+        logger.warning(
+            "%d file(s) over %s MB left out of %s and listed in %s: host them and fill in 'url'",
+            len(large), max_file_mb, zip_path.name, sidecar.name,
+        )
+    return zip_path
