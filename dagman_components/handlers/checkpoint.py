@@ -53,6 +53,8 @@ class AtomicCheckpointSaver:
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self):
             return
+        for stale in self.save_path.parent.glob(f".{self.save_path.name}.*.tmp"):  # left by a killed write
+            stale.unlink(missing_ok=True)
         if self.save_interval:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)

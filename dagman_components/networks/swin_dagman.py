@@ -63,6 +63,8 @@ class SemanticAttention(nn.Module):
             )
             for i in range(depth)
         )
+        for block in self.blocks:  # MONAI builds this norm even without cross-attention; it never
+            block.norm_cross_attn.requires_grad_(False)  # gets a gradient, which DDP would reject
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,54 @@
+"""Schedules (lr, teacher temperature, EMA momentum) and the EMA arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from dagman_components.handlers import ema_momentum, ema_update
+from dagman_components.schedules import WarmupCosineFactor, cosine_schedule, teacher_temperature_schedule
+
+
+def test_cosine_schedule_endpoints():
+    s = cosine_schedule(1.0, 0.0, total_steps=11, warmup_steps=0)
+    assert s[0] == pytest.approx(1.0) and s[-1] == pytest.approx(0.0) and s[5] == pytest.approx(0.5)
+    w = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=4, warmup_start=0.0)
+    assert w[:4].tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75]) and w[4] == pytest.approx(1.0)
+    assert w[-1] == pytest.approx(0.1)
+
+
+def test_teacher_temperature_warmup():
+    t = teacher_temperature_schedule(0.07, 0.04, warmup_epochs=30, total_epochs=800)
+    assert len(t) == 800 and t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07) and t[-1] == 0.07
+    assert np.all(np.diff(t[:30]) > 0)
+
+
+def test_warmup_cosine_factor():
+    f = WarmupCosineFactor(total_iterations=10, warmup_iterations=2, min_factor=0.0)
+    assert [f(0), f(1)] == pytest.approx([0.5, 1.0])
+    assert f(2) == pytest.approx(1.0) and f(9) == pytest.approx(0.0)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=8e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    assert "lr_lambdas" in sched.state_dict() and sched.state_dict()["lr_lambdas"][0]["total_iterations"] == 10
+
+
+def test_ema_momentum_cosine_over_global_iterations():
+    assert ema_momentum(0, 100) == pytest.approx(0.996)
+    assert ema_momentum(50, 100) == pytest.approx(0.998)
+    assert ema_momentum(100, 100) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        ema_momentum(0, 0)
+
+
+def test_ema_update_arithmetic():
+    teacher, student = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0), teacher.bias.fill_(0.0)
+        student.weight.fill_(3.0), student.bias.fill_(2.0)
+    assert ema_update(teacher, student, 0.75) == 2
+    assert torch.allclose(teacher.weight, torch.full((1, 2), 1.5))  # 0.75*1 + 0.25*3
+    assert torch.allclose(teacher.bias, torch.tensor([0.5]))
+    with pytest.raises(KeyError, match="no student counterpart"):
+        ema_update(nn.Linear(2, 2), nn.Sequential(), 0.9)
