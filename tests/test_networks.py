@@ -77,7 +77,8 @@ def test_bad_inputs_raise_clear_errors(encoder):
 
 def test_swin_keys_match_swinunetr():
     enc = SwinDAGMaN(**TINY_ENCODER)
-    seg = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3))
+    seg = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3),
+                    window_size=4)
     swin_keys = set(seg.swinViT.state_dict())
     own = set(enc.state_dict())
     assert swin_keys <= own
