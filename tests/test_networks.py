@@ -115,3 +115,16 @@ def test_teacher_is_a_frozen_copy_without_reconstruction():
     # every trainable parameter receives a gradient (DDP needs it)
     (out["recon"].mean() + out["cls_logits"].mean() + out["patch_logits"].mean() + out["global_logits"].mean()).backward()
     assert [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_plain_swin_baseline_without_sa():
+    from dagman_components.networks import MaskedReconstructionNetwork
+
+    enc = SwinDAGMaN(**{**TINY_ENCODER, "sa_stage": None})
+    assert enc.sa is None and enc.sa_stride == 16
+    out = enc(torch.rand(1, 1, 32, 32, 32))
+    assert "s_att" not in out and out["global"].shape == (1, 192)
+    net = MaskedReconstructionNetwork(enc)
+    assert net(torch.rand(2, 1, 32, 32, 32), mask=torch.ones(2, 16, 16, 16)).shape == (2, 1, 32, 32, 32)
+    with pytest.raises(ValueError, match="sa_stage=None"):
+        MaskedReconstructionNetwork(SwinDAGMaN(**TINY_ENCODER))

@@ -172,7 +172,7 @@ class CoDistillationTrainer(Trainer):
 
         engine.network.train()
         engine.teacher.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, torch.profiler.record_function("dagman/teacher_pass"):
             teacher_out = _split_views(engine.teacher(both, token_drop=engine.patch_dropout(2 * b, patch_grid, dev)))
             if engine.clean_teacher_attention and engine.masking.needs_attention:
                 clean = _split_views(engine.teacher(both))
@@ -186,14 +186,15 @@ class CoDistillationTrainer(Trainer):
         with autocast:
             student_out = _split_views(engine.network(both, mask=patch_mask))
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            total, parts = engine.loss_function(
-                student=(student_out[0], student_out[1]),
-                teacher=(teacher_out[0], teacher_out[1]),
-                cell_masks=(cell_masks[0], cell_masks[1]),
-                voxel_masks=(voxel_masks[0], voxel_masks[1]),
-                images=(u, v),
-                teacher_temp=tau_t,
-            )
+            with torch.profiler.record_function("dagman/losses"):
+                total, parts = engine.loss_function(
+                    student=(student_out[0], student_out[1]),
+                    teacher=(teacher_out[0], teacher_out[1]),
+                    cell_masks=(cell_masks[0], cell_masks[1]),
+                    voxel_masks=(voxel_masks[0], voxel_masks[1]),
+                    images=(u, v),
+                    teacher_temp=tau_t,
+                )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         bad = [k for k, val in parts.items() if not torch.isfinite(val)]
         if bad or not torch.isfinite(total):

@@ -4,3 +4,4 @@ from dagman_components.networks.heads import ProjectionHead, ReconstructionHead
 from dagman_components.networks.pretrain import DAGMaNPretrainNetwork, make_teacher, unwrap
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SemanticAttention, SwinDAGMaN
 from dagman_components.networks.factory import build_encoder, encoder_settings
+from dagman_components.networks.baselines import MaskedReconstructionNetwork

@@ -75,9 +75,10 @@ class DAGMaNPretrainNetwork(nn.Module):
             ``global_logits`` (B, K) and, with the reconstruction head, ``recon`` shaped like ``x``.
         """
         out = self.encoder(x, mask=mask, token_drop=token_drop)
-        out["cls_logits"] = self.cls_head(out["cls"])
-        out["patch_logits"] = self.patch_head(out["patch_tokens"])
-        out["global_logits"] = self.global_head(out["global"])
+        with torch.profiler.record_function("dagman/projection_heads"):
+            out["cls_logits"] = self.cls_head(out["cls"])
+            out["patch_logits"] = self.patch_head(out["patch_tokens"])
+            out["global_logits"] = self.global_head(out["global"])
         if self.recon_head is not None:
             out["recon"] = self.recon_head(out["features"][-1])
         return out

@@ -105,7 +105,9 @@ class SwinDAGMaN(SwinTransformer):
         num_heads: attention heads per stage.
         window_size: local window size (int for isotropic).
         patch_size: patch-embedding size (int for isotropic).
-        sa_stage: 1-based stage after which the semantic-attention block sits (1..len(depths)).
+        sa_stage: 1-based stage after which the semantic-attention block sits (1..len(depths)); ``None``
+            builds a plain Swin encoder with a mask token (no [CLS], patch tokens or S_ATT in the output),
+            the backbone of the SimMIM-like baseline.
         sa_depth: transformer blocks in the semantic-attention block.
         sa_heads: attention heads of the semantic-attention block.
         mlp_ratio: MLP width ratio of every block.
@@ -131,14 +133,14 @@ class SwinDAGMaN(SwinTransformer):
         num_heads: Sequence[int] = (4, 4, 8, 16),
         window_size: Sequence[int] | int = 4,
         patch_size: Sequence[int] | int = 2,
-        sa_stage: int = 3,
+        sa_stage: int | None = 3,
         sa_depth: int = 2,
         sa_heads: int = 8,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
     ) -> None:
-        if not 1 <= sa_stage <= len(depths):
+        if sa_stage is not None and not 1 <= sa_stage <= len(depths):
             raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
         super().__init__(
             in_chans=in_channels,
@@ -155,20 +157,25 @@ class SwinDAGMaN(SwinTransformer):
         )
         self.in_channels = in_channels
         self.sa_stage = sa_stage
-        self.sa_dim = embed_dim * 2**sa_stage
+        self.mask_grid_stage = sa_stage or 3  # masks live on the SA grid, on the stage-3 grid without SA
+        self.sa_dim = embed_dim * 2**self.mask_grid_stage
         self.out_dim = embed_dim * 2 ** len(depths)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
-        self.sa = SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio)
+        self.sa = (
+            SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio)
+            if sa_stage is not None
+            else None
+        )
 
     @property
     def sa_stride(self) -> int:
         """Voxels per side of one semantic-attention (mask-grid) cell."""
-        return int(self.patch_size[0]) * 2**self.sa_stage
+        return int(self.patch_size[0]) * 2**self.mask_grid_stage
 
     @property
     def patches_per_sa_cell(self) -> int:
         """Patch-embedding tokens per side of one semantic-attention cell."""
-        return 2**self.sa_stage
+        return 2**self.mask_grid_stage
 
     @property
     def input_divisor(self) -> int:
@@ -221,9 +228,10 @@ class SwinDAGMaN(SwinTransformer):
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         for stage, layer in enumerate(self.layers_list(), start=1):
             h = layer(h.contiguous())
-            if stage == self.sa_stage:
+            if stage == self.sa_stage and self.sa is not None:
                 b, c, d, hh, w = h.shape
-                stream, normed, s_att = self.sa(h.flatten(2).transpose(1, 2))
+                with torch.profiler.record_function("dagman/semantic_attention"):
+                    stream, normed, s_att = self.sa(h.flatten(2).transpose(1, 2))
                 h = stream.transpose(1, 2).reshape(b, c, d, hh, w)
                 out.update(cls=normed[:, 0], patch_tokens=normed[:, 1:], s_att=s_att)
                 out["sa_grid"] = torch.tensor([d, hh, w])
