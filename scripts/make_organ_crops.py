@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             case_ids=case_ids,
         )
         counts = {s: len(v) for s, v in labels.items()}
-        logger.info("wrote %s (%s crops of %d^3, %d classes)", args.out_npz, counts, args.output_size, len(class_ids))
+        present = len({i for v in labels.values() for i in v})
+        logger.info("wrote %s (%s crops of %d^3, %d classes)", args.out_npz, counts, args.output_size, present)
     return 0
 
 

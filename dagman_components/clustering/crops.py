@@ -14,8 +14,9 @@ Geometry (all in voxels of the preprocessed volume, i.e. after
 * a crop of side ``s`` around centre ``c`` (plus a jitter offset ``o``) covers
   ``[c + o - s // 2, c + o - s // 2 + s)`` per axis; voxels outside the volume are
   ``pad_value`` (0 = at or below the HU window's lower bound, i.e. air / fat);
-* each crop is resized to ``output_size`` (MONAI ``Resize``, trilinear with anti-aliasing when
-  shrinking); with ``s == output_size`` it is copied voxel for voxel.
+* each crop is resized to ``output_size`` with MONAI ``Resize``: ``area`` (average pooling, no
+  aliasing and no border effects) when shrinking, ``trilinear`` (``align_corners=False``) when
+  enlarging; with ``s == output_size`` it is copied voxel for voxel.
 
 Per structure, per side in ``sizes``: one centred crop, then ``jitters_per_size`` crops with
 integer offsets drawn uniformly from ``[-max_jitter, max_jitter]`` per axis (``numpy`` generator
@@ -209,7 +210,9 @@ def cut_organ_crops(
     structures = find_structures(label, names, ignore_unnamed=ignore_unnamed, min_voxels=min_voxels, where=where)
     rng = np.random.default_rng(seed)
     resizers = {
-        int(s): Resize((int(output_size),) * 3, mode="trilinear", align_corners=False, anti_aliasing=int(s) > output_size)
+        int(s): Resize((int(output_size),) * 3, mode="area")
+        if int(s) > int(output_size)
+        else Resize((int(output_size),) * 3, mode="trilinear", align_corners=False)
         for s in sizes
         if int(s) != int(output_size)
     }
