@@ -1,0 +1,163 @@
+# Copyright (c) DAGMaN components contributors.
+# Licensed under the Apache License, Version 2.0.
+"""Nodule classifier: the Swin-DAGMaN encoder plus one linear head, for linear probing or fine-tuning.
+
+The encoder is held as ``encoder`` so that DAGMaN weights load with
+``load_pretrained_encoder(net, path, key_prefix="encoder.")`` (see :func:`load_encoder_weights`).
+The head reads the [CLS] token of the semantic-attention block (width ``embed_dim * 2**sa_stage``)
+or the average-pooled last Swin stage (``embed_dim * 16``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+from monai.utils import StrEnum, look_up_option
+
+from dagman_components.classification.attention import attention_to_voxels
+from dagman_components.networks import SwinDAGMaN, unwrap
+from dagman_components.optim import param_groups_weight_decay
+from dagman_components.weights import LoadReport, load_pretrained_encoder
+
+__all__ = ["ClassifierMode", "HeadToken", "NoduleClassifier", "load_encoder_weights", "classifier_param_groups"]
+
+logger = logging.getLogger(__name__)
+
+#: ``pretrained_path`` values meaning "no weights" (command lines cannot pass ``None`` through ``fire``).
+RANDOM_INIT = ("", "none", "null", "random")
+
+
+class ClassifierMode(StrEnum):
+    """``linear_probe``: encoder frozen and kept in eval mode, only the head trains.
+    ``finetune``: every parameter trains."""
+
+    LINEAR_PROBE = "linear_probe"
+    FINETUNE = "finetune"
+
+
+class HeadToken(StrEnum):
+    """Which encoder output the head reads: the SA block's [CLS] token or the pooled last stage."""
+
+    CLS = "cls"
+    GLOBAL = "global"
+
+
+class NoduleClassifier(nn.Module):
+    """Swin-DAGMaN encoder + linear head giving class logits.
+
+    In ``linear_probe`` mode the encoder's parameters have ``requires_grad=False``, its forward runs
+    without autograd, and ``train()`` leaves it in eval mode (no stochastic depth or dropout), so the
+    features are exactly those of the frozen encoder.
+
+    Args:
+        encoder: the encoder (built with the pretrained weights' model-card settings).
+        num_classes: logits per case (2: benign, malignant).
+        token: :class:`HeadToken`.
+        mode: :class:`ClassifierMode`.
+
+    Raises:
+        ValueError: for an unknown ``token`` or ``mode`` (with the nearest valid value) or ``num_classes < 2``.
+
+    Example:
+        >>> net = NoduleClassifier(SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3)), mode="linear_probe")
+        >>> net(torch.rand(2, 1, 32, 32, 32)).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(self, encoder: SwinDAGMaN, num_classes: int = 2, token: str = HeadToken.CLS,
+                 mode: str = ClassifierMode.FINETUNE) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2 (softmax logits), got {num_classes}.")
+        self.encoder = encoder
+        self.token = look_up_option(token, HeadToken)
+        self.head = nn.Linear(encoder.sa_dim if self.token == HeadToken.CLS else encoder.out_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.mode = ClassifierMode.FINETUNE
+        self.set_mode(mode)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between linear probing (freeze the encoder) and fine-tuning (unfreeze it)."""
+        self.mode = look_up_option(mode, ClassifierMode)
+        self.encoder.requires_grad_(self.mode == ClassifierMode.FINETUNE)
+        if self.mode == ClassifierMode.LINEAR_PROBE:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> NoduleClassifier:
+        super().train(mode)
+        if self.mode == ClassifierMode.LINEAR_PROBE:
+            self.encoder.eval()
+        return self
+
+    def encode(self, x: torch.Tensor) -> dict:
+        """The encoder's output dict (see ``SwinDAGMaN.forward``), without autograd in linear probing."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == ClassifierMode.FINETUNE):
+            return self.encoder(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input, (B, C)."""
+        return self.encode(x)[self.token.value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_classes) of images (B, 1, D, H, W), sides divisible by 32."""
+        return self.head(self.features(x))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The [CLS]-to-patch attention on the input grid, (B, 1, D, H, W), summing to 1 per case
+        (:func:`~dagman_components.classification.attention.attention_to_voxels`)."""
+        out = self.encode(x)
+        return attention_to_voxels(out["s_att"], out["sa_grid"], self.encoder.sa_stride)
+
+
+def load_encoder_weights(network: nn.Module, path: str | os.PathLike | None,
+                         min_loaded_fraction: float = 0.9) -> LoadReport | None:
+    """Load DAGMaN encoder weights into ``network.encoder``, or say loudly that there are none.
+
+    Args:
+        network: a :class:`NoduleClassifier` (DDP-wrapped or not).
+        path: ``models/model.pt`` of the pretraining bundle, a full pretraining checkpoint, or a
+            trained classifier's ``model.pt`` (its encoder part). ``None``, ``""``, ``"none"``,
+            ``"null"`` or ``"random"``: random initialisation, logged as a warning so it is never an accident.
+        min_loaded_fraction: share of the encoder's tensors that must load.
+
+    Returns:
+        The :class:`~dagman_components.weights.LoadReport` (loaded / missing / unexpected), or ``None``.
+
+    Raises:
+        dagman_components.weights.WeightLoadError: missing or unreadable file, another architecture,
+            or too little of the encoder found (the encoder is then left untouched).
+    """
+    if not path or str(path).strip().lower() in RANDOM_INIT:
+        logger.warning("pretrained_path is empty: the encoder starts from RANDOM initialisation.")
+        return None
+    report = load_pretrained_encoder(unwrap(network), path, key_prefix="encoder.",
+                                     min_loaded_fraction=min_loaded_fraction)
+    if report.missing:
+        logger.warning("encoder tensors not in '%s' (left as initialised): %s", path, report.missing[:10])
+    if report.unexpected:
+        logger.info("tensors of '%s' not used by the encoder: %s", path, report.unexpected[:10])
+    return report
+
+
+def classifier_param_groups(network: nn.Module, lr: float, weight_decay: float = 0.05,
+                            encoder_lr_factor: float = 1.0) -> list[dict]:
+    """Optimizer groups: head and encoder, each split into decayed / not decayed parameters
+    (:func:`~dagman_components.optim.param_groups_weight_decay`); the encoder's learning rate is
+    ``lr * encoder_lr_factor``. Frozen parameters (linear probing) and empty groups are left out.
+
+    Raises:
+        ValueError: when nothing is trainable.
+    """
+    net = unwrap(network)
+    groups = []
+    for module, scale in ((net.head, 1.0), (net.encoder, encoder_lr_factor)):
+        for g in param_groups_weight_decay(module, weight_decay):
+            if g["params"]:
+                groups.append({**g, "lr": lr * scale})
+    if not groups:
+        raise ValueError("the network has no trainable parameter.")
+    return groups

@@ -1,0 +1,416 @@
+# Copyright (c) DAGMaN components contributors.
+# Licensed under the Apache License, Version 2.0.
+"""Tests of the lung-nodule classification components and bundle, on the 24 real LIDC crops of the repository."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.transforms import Compose
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+import dagman_components.classification as nc
+from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
+from dagman_components.weights import WeightLoadError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "lidc_nodules_sample"
+CSV = SAMPLE / "nodules.csv"
+IMAGES = SAMPLE / "image"
+BUNDLE = REPO / "bundles" / "dagman_lung_nodule_ct_classification"
+TINY = {"embed_dim": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 3, 3, 3), "sa_heads": 4}
+#: the same settings as bundle command-line overrides
+TINY_ARGS = ["--embed_dim", "12", "--depths", "[2,2,2,2]", "--num_heads", "[3,3,3,3]", "--sa_heads", "4"]
+
+
+def _encoder(seed: int = 0) -> SwinDAGMaN:
+    torch.manual_seed(seed)
+    return SwinDAGMaN(**TINY)
+
+
+def _items(n_patients: int = 30, seed: int = 0) -> list[dict]:
+    """Synthetic labelled items: 1-3 nodules per patient, about a third malignant."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for p in range(n_patients):
+        for k in range(int(rng.integers(1, 4))):
+            items.append({"id": f"p{p}_{k}", "patient": f"p{p}", "label": int(rng.random() < 0.35), "image": "x"})
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def test_table_reads_the_sample_with_the_paper_rule():
+    items = nc.read_nodule_table(CSV, IMAGES)
+    df = pd.read_csv(CSV)
+    assert len(items) == 24 and sum(it["label"] for it in items) == 12 == int((df.Malignancy_value >= 4).sum())
+    assert items[0]["id"] == "LIDC-IDRI-0001_R_1" and items[0]["patient"] == "LIDC-IDRI-0001"
+    assert all(os.path.isabs(it["image"]) and os.path.isfile(it["image"]) for it in items)
+    assert [it["label"] for it in items] == (df.Malignancy_value >= 4).astype(int).tolist()
+
+
+def test_table_diagnosis_rule_and_excluding_gap():
+    df = pd.read_csv(CSV)
+    rule = {"positive_values": ["Malign"], "negative_values": ["Benign"]}
+    items = nc.read_nodule_table(CSV, IMAGES, label_column="Diagnosis", label_rule=rule)
+    assert [it["label"] for it in items] == (df.Diagnosis == "Malign").astype(int).tolist()
+    # threshold with a gap: the indeterminate score 3 is left out
+    items = nc.read_nodule_table(CSV, IMAGES, label_rule={"positive_min": 4, "negative_max": 2})
+    assert len(items) == int((df.Malignancy_value != 3).sum())
+
+
+@pytest.mark.parametrize("rule", [
+    {"positive_min": 3, "negative_max": 3},  # overlapping thresholds
+    {"positive_min": 4, "positive_values": ["Malign"], "negative_values": ["Benign"]},  # both kinds
+    {"positive_values": ["Malign"]},  # one class only
+    {"threshold": 4},  # unknown key
+])
+def test_label_rule_rejects_bad_rules(rule):
+    with pytest.raises(ValueError, match="label_rule"):
+        nc.LabelRule.from_config(rule)
+
+
+def _write_csv(tmp_path: Path, df: pd.DataFrame) -> Path:
+    path = tmp_path / "nodules.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_table_errors_name_rows_and_columns(tmp_path):
+    df = pd.read_csv(CSV).head(4)
+    # missing images: every row listed with its CSV line
+    bad = df.copy()
+    bad.loc[[1, 3], "nodule_id"] = 99
+    with pytest.raises(nc.NoduleTableError, match=r"(?s)2 of 4 row\(s\).*line 3 .*_R_99.*line 5 ") as e:
+        nc.read_nodule_table(_write_csv(tmp_path, bad), IMAGES)
+    assert "LIDC-IDRI-0003_R_99.nii.gz" in str(e.value)
+    # the same nodule listed twice
+    with pytest.raises(nc.NoduleTableError, match=r"(?s)listed twice.*LIDC-IDRI-0001_R_1.*lines \[2, 6\]"):
+        nc.read_nodule_table(_write_csv(tmp_path, pd.concat([df, df.head(1)])), IMAGES)
+    # unknown label column, named with the setting and the columns that exist
+    with pytest.raises(nc.NoduleTableError, match=r"unknown column\(s\) 'Malignancy_score' \(from label_column\).*Diagnosis"):
+        nc.read_nodule_table(_write_csv(tmp_path, df), IMAGES, label_column="Malignancy_score")
+    # an empty label cell
+    empty = df.copy()
+    empty.loc[2, "Malignancy_value"] = np.nan
+    with pytest.raises(nc.NoduleTableError, match=r"line 4 \(LIDC-IDRI-0007_R_1\): Malignancy_value"):
+        nc.read_nodule_table(_write_csv(tmp_path, empty), IMAGES)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_folds_keep_patients_apart_and_partition_the_cases():
+    items = _items()
+    labels, groups = [it["label"] for it in items], [it["patient"] for it in items]
+    folds = nc.grouped_stratified_folds(labels, groups, n_folds=3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(items)))
+    patients = [{groups[i] for i in f} for f in folds]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+
+
+def test_cv_split_is_patient_disjoint_and_few_shot_is_nested():
+    items = _items()
+    all_ids = {it["id"] for it in items}
+    for fold in range(3):
+        s = nc.cv_split(items, n_folds=3, fold=fold, val_fraction=0.25, seed=1)
+        sets = {k: {it["patient"] for it in v} for k, v in s.items()}
+        assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+        assert {it["id"] for v in s.values() for it in v} == all_ids
+        quarter = nc.cv_split(items, n_folds=3, fold=fold, val_fraction=0.25, few_shot_fraction=0.25, seed=1)
+        half = nc.cv_split(items, n_folds=3, fold=fold, val_fraction=0.25, few_shot_fraction=0.5, seed=1)
+        q, h, full = ({it["id"] for it in x["train"]} for x in (quarter, half, s))
+        assert q < h < full  # nested, strictly smaller
+        assert quarter["val"] == s["val"] and quarter["test"] == s["test"]  # same validation and test
+        for cls in (0, 1):  # each class's share is at least the fraction
+            n_cls = sum(it["label"] == cls for it in s["train"])
+            assert sum(it["label"] == cls for it in quarter["train"]) >= 0.25 * n_cls
+        kept = {it["patient"] for it in quarter["train"]}
+        assert all(it["id"] in q for it in s["train"] if it["patient"] in kept)  # whole patients
+
+
+def test_split_errors():
+    items = _items()
+    single = [dict(it, label=0) for it in items]
+    with pytest.raises(nc.SplitError, match=r"the train \(fold 0 of 3.*30 nodule\(s\), 0 malignant"):
+        nc.cv_split(single, n_folds=3, fold=0)
+    with pytest.raises(nc.SplitError, match="fold must be in 0..2"):
+        nc.cv_split(items, n_folds=3, fold=3)
+    with pytest.raises(nc.SplitError, match="both in the test table"):
+        nc.cv_split(items, n_folds=3, fold=0, test_items=items[:4])
+    w = nc.balanced_class_weights([{"label": 0}] * 3 + [{"label": 1}])
+    assert torch.allclose(w, torch.tensor([4 / 6, 4 / 2]))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_match_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) * 0.6 + 0.3 * y, 2)  # rounded: many ties
+    assert nc.roc_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert nc.roc_auc(torch.tensor(s), torch.tensor(y)) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    fpr, tpr, thr = nc.roc_curve(s, y)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+    t = nc.youden_threshold(s, y)
+    assert t == sk_thr[1:][np.argmax((sk_tpr - sk_fpr)[1:])]
+    tn, fp, fn, tp = confusion_matrix(y, (s >= t).astype(int)).ravel()
+    assert nc.sensitivity_specificity(s, y, t) == pytest.approx((tp / (tp + fn), tn / (tn + fp)))
+
+
+def test_bootstrap_interval_reproduces_a_hand_computed_one():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(15, int), np.ones(10, int)]
+    s = rng.random(25) + 0.3 * y
+    low, high = nc.bootstrap_ci(s, y, nc.roc_auc, n_boot=300, seed=7)
+    draw, values = np.random.default_rng(7), []
+    while len(values) < 300:
+        idx = draw.integers(0, 25, size=25)
+        if len(set(y[idx])) == 2:
+            values.append(roc_auc_score(y[idx], s[idx]))
+    assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])))
+    report = nc.binary_report(s, y, threshold=0.6, n_boot=100)
+    assert report["auc"]["ci95"][0] <= report["auc"]["value"] <= report["auc"]["ci95"][1]
+    assert report["n"] == 25 and report["n_malignant"] == 10
+    with pytest.raises(ValueError, match="only one class"):
+        nc.roc_auc([0.1, 0.2], [1, 1])
+
+
+# ------------------------------------------------------------------------------------------------ cropping
+
+
+def _synthetic_volume(tmp_path: Path) -> tuple[Path, np.ndarray, tuple[int, int, int]]:
+    """A 60x60x24 volume at 0.7 x 0.7 x 2.5 mm (axes flipped like DICOM), air with a bright blob."""
+    data = np.full((60, 60, 24), -1000, np.int16)
+    blob = (20, 41, 9)
+    data[blob[0] - 2: blob[0] + 3, blob[1] - 2: blob[1] + 3, blob[2] - 1: blob[2] + 2] = 400
+    affine = np.array([[-0.7, 0, 0, 30.0], [0, -0.7, 0, 12.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1]])  # RAS
+    path = tmp_path / "1.2.3.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path, affine, blob
+
+
+def test_world_point_crop_centres_the_nodule(tmp_path):
+    path, affine, blob = _synthetic_volume(tmp_path)
+    ras = (affine @ np.r_[blob, 1.0])[:3]
+    lps = ras * np.array([-1, -1, 1])
+    np.testing.assert_allclose(nc.world_to_voxel(lps, affine, "LPS"), blob, atol=1e-9)
+    near_edge = (affine @ np.r_[2, 2, 1, 1.0])[:3] * np.array([-1, -1, 1])
+    pd.DataFrame({"seriesuid": ["1.2.3", "1.2.3"], "coordX": [lps[0], near_edge[0]], "coordY": [lps[1], near_edge[1]],
+                  "coordZ": [lps[2], near_edge[2]], "label": [1, 0]}).to_csv(tmp_path / "c.csv", index=False)
+    items = nc.read_nodule_table(tmp_path / "c.csv", tmp_path, id_column="{seriesuid}_{row}", patient_column="seriesuid",
+                                 label_column="label", label_rule={"positive_min": 1, "negative_max": 0},
+                                 image_template="{seriesuid}.nii.gz", center_columns=["coordX", "coordY", "coordZ"])
+    assert [it["id"] for it in items] == ["1.2.3_2", "1.2.3_3"]
+    pre = Compose(nc.nodule_preprocessing(center_key="center", coordinate_system="LPS"))
+    out = pre(items[0])["image"]
+    assert tuple(out.shape) == (1, 32, 32, 32)
+    centroid = np.argwhere(out[0].numpy() > 0.5).mean(axis=0)
+    np.testing.assert_allclose(centroid, [16, 16, 16], atol=0.6)  # the 3.5 x 3.5 x 7.5 mm blob sits at the centre
+    assert float(out[0, 15:18, 15:18, 14:19].min()) > 0.9 and float(out[0, :8].max()) == 0.0
+    edge = pre(items[1])["image"]  # mostly outside the image: padded, still 32^3
+    assert tuple(edge.shape) == (1, 32, 32, 32) and float(edge[0, :8, :8].max()) == 0.0
+    # the same point read as RAS lies outside this volume: a clear error
+    bad = Compose(nc.nodule_preprocessing(center_key="center", coordinate_system="RAS"))
+    with pytest.raises(RuntimeError) as e:  # MONAI wraps it: "applying transform ..." from the ValueError
+        bad(items[0])
+    assert "outside image" in str(e.value.__cause__) and "coordinate_system" in str(e.value.__cause__)
+
+
+def test_crop_preprocessing_of_real_nodules():
+    items = nc.read_nodule_table(CSV, IMAGES)[:2]
+    out = Compose(nc.nodule_preprocessing())(items[0])["image"]
+    assert tuple(out.shape) == (1, *nc.NODULE_ROI) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    np.testing.assert_allclose(np.abs(np.diag(np.asarray(out.affine))[:3]), nc.NODULE_SPACING)
+
+
+# ------------------------------------------------------------------------------------------------ network
+
+
+def test_linear_probe_freezes_the_encoder_and_keeps_it_in_eval_mode():
+    net = nc.NoduleClassifier(_encoder(), mode="linear_probe")
+    net.train()
+    assert not net.encoder.training and net.head.training
+    assert not any(p.requires_grad for p in net.encoder.parameters())
+    groups = nc.classifier_param_groups(net, lr=1e-3)
+    assert sum(len(g["params"]) for g in groups) == 2  # head weight and bias only
+    x = torch.rand(2, 1, 32, 32, 32)
+    net(x).sum().backward()
+    assert all(p.grad is None for p in net.encoder.parameters()) and net.head.weight.grad is not None
+    net.set_mode("finetune")
+    net.train()
+    assert net.encoder.training and all(p.requires_grad for p in net.encoder.parameters() if p.ndim)
+    glob = nc.NoduleClassifier(_encoder(), token="global")
+    assert glob.head.in_features == glob.encoder.out_dim and net.head.in_features == net.encoder.sa_dim
+    with pytest.raises(ValueError, match="linear_probe"):
+        nc.NoduleClassifier(_encoder(), mode="linear_prob")
+
+
+def test_attention_overlay_has_the_input_shape_and_sums_to_one():
+    net = nc.NoduleClassifier(_encoder()).eval()
+    x = torch.rand(2, 1, 32, 64, 32)
+    att = net.attention_map(x)
+    assert att.shape == x.shape
+    np.testing.assert_allclose(att.sum(dim=(1, 2, 3, 4)).numpy(), [1.0, 1.0], rtol=1e-5)
+    s_att = net.encoder(x)["s_att"]  # (2, 2*4*2) on the SA grid, one cell = 16^3 voxels
+    cell = att[:, 0, 16:32, 32:48, 0:16]
+    assert torch.allclose(cell.mean(), s_att[:, 1 * 8 + 2 * 2 + 0].mean() / 16**3, rtol=1e-5)
+
+
+def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
+    pre = DAGMaNPretrainNetwork(_encoder(seed=1), out_dim=16, hidden_dim=8, bottleneck_dim=4)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"student": pre.state_dict(), "teacher": pre.state_dict()}, path)
+    net = nc.NoduleClassifier(_encoder(seed=0))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = nc.load_encoder_weights(net, path)
+    assert report.loaded_fraction == 1.0 and not report.missing
+    after = net.state_dict()
+    source = pre.encoder.state_dict()
+    differed = [k for k, v in source.items() if not torch.equal(before[f"encoder.{k}"], v)]
+    assert len(differed) > 60  # every randomly initialised tensor (norms and zero-initialised ones coincide)
+    assert all(torch.equal(after[f"encoder.{k}"], v) for k, v in source.items())
+    assert torch.equal(before["head.weight"], after["head.weight"])
+    with pytest.raises(WeightLoadError, match="do not exist"):
+        nc.load_encoder_weights(net, tmp_path / "missing.pt")
+    torch.save(SwinDAGMaN(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), sa_heads=4).state_dict(), path)
+    with pytest.raises(WeightLoadError, match="another architecture"):
+        nc.load_encoder_weights(net, path)
+    with caplog.at_level(logging.WARNING):
+        assert nc.load_encoder_weights(net, "random") is None
+    assert "RANDOM" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ bundle
+
+
+def _bundle_run(bundle: Path, configs: list[str], *args: str) -> subprocess.CompletedProcess:
+    files = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(bundle),
+           "--dataset_dir", str(SAMPLE), "--num_workers", "0", "--batch_size", "4", *TINY_ARGS, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=bundle.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory):
+    """A copy of the bundle trained for two epochs (fine-tuning, random init) on the sample."""
+    bundle = tmp_path_factory.mktemp("b") / "dagman_lung_nodule_ct_classification"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    (bundle / "models").mkdir()
+    _bundle_run(bundle, ["train.yaml"], "--pretrained_path", "random", "--max_epochs", "2")
+    return bundle
+
+
+@pytest.mark.slow
+def test_train_then_evaluate(trained_bundle):
+    info = json.loads((trained_bundle / "models" / "threshold.json").read_text())
+    assert info["n_val"] >= 2 and 0.0 <= info["threshold"] <= 1.0
+    assert not (trained_bundle / "models" / ".staging").exists()
+    assert (trained_bundle / "eval" / "training_curves.png").stat().st_size > 1000
+    _bundle_run(trained_bundle, ["train.yaml", "evaluate.yaml"], "--n_boot", "50")
+    report = json.loads((trained_bundle / "eval" / "test_metrics.json").read_text())
+    pred = pd.read_csv(trained_bundle / "eval" / "test_predictions.csv")
+    assert report["n"] == len(pred) == 8 and report["threshold"] == info["threshold"]  # fold 0 of 3 on 24 patients
+    assert report["auc"]["value"] == pytest.approx(roc_auc_score(pred.label, pred.probability_malignant), abs=1e-5)
+    assert (pred.prediction == (pred.probability_malignant >= info["threshold"]).astype(int)).mean() >= 0.99
+    assert (trained_bundle / "eval" / "test_roc.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_inference_writes_probabilities_and_attention(trained_bundle, tmp_path):
+    pd.read_csv(CSV).head(2).drop(columns=["Malignancy_value"]).to_csv(tmp_path / "new.csv", index=False)
+    _bundle_run(trained_bundle, ["train.yaml", "inference.yaml"], "--infer_source", str(tmp_path / "new.csv"),
+                "--infer_image_dir", str(IMAGES), "--infer_dir", str(tmp_path / "out"))
+    pred = pd.read_csv(tmp_path / "out" / "inference_predictions.csv")
+    assert pred.id.tolist() == ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0003_R_2"] and pred.label.isna().all()
+    assert pred.probability_malignant.between(0, 1).all() and set(pred.prediction) <= {0, 1}
+    att = nib.load(str(tmp_path / "out" / "LIDC-IDRI-0001_R_1_attention.nii.gz"))
+    img = nib.load(str(tmp_path / "out" / "LIDC-IDRI-0001_R_1_input.nii.gz"))
+    assert att.shape == img.shape == nc.NODULE_ROI and np.allclose(att.affine, img.affine)
+    assert float(att.get_fdata().sum()) == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "out" / "LIDC-IDRI-0001_R_1_attention.png").is_file()
+
+
+@pytest.mark.slow
+def test_verify_net_in_out_and_traced_export_equals_eager(trained_bundle):
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    configs = [str(trained_bundle / "configs" / c) for c in ("train.yaml", "inference.yaml")]
+    overrides = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 4,
+                 "bundle_root": str(trained_bundle)}
+    meta = str(trained_bundle / "configs" / "metadata.json")
+    verify_net_in_out("network_def", meta_file=meta, config_file=configs, device="cpu", **overrides)
+    ts = trained_bundle / "models" / "model.ts"
+    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(trained_bundle / "models" / "model.pt"),
+                meta_file=meta, config_file=configs, use_trace=True, input_shape=[1, 1, 32, 32, 32], **overrides)
+    exported = torch.jit.load(str(ts))
+    net = nc.NoduleClassifier(_encoder(), mode="finetune")
+    net.load_state_dict(torch.load(trained_bundle / "models" / "model.pt", weights_only=True))
+    net.eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(exported(x), net(x))
+
+
+@pytest.mark.slow
+def test_linear_probe_run_keeps_the_pretrained_encoder(tmp_path):
+    bundle = tmp_path / "dagman_lung_nodule_ct_classification"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    (bundle / "models").mkdir()
+    pretrained = _encoder(seed=3)
+    torch.save(pretrained.state_dict(), tmp_path / "model.pt")
+    _bundle_run(bundle, ["train.yaml"], "--pretrained_path", str(tmp_path / "model.pt"), "--mode", "linear_probe",
+                "--max_epochs", "1", "--few_shot_fraction", "0.5")
+    trained = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in pretrained.state_dict().items())
+    assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
+
+
+def test_best_saver_publishes_only_when_finished(tmp_path):
+    from types import SimpleNamespace
+
+    net = nc.NoduleClassifier(_encoder())
+    collector = nc.ScoreCollector()
+    collector.scores, collector.labels = [0.2, 0.8, 0.6, 0.1], [0, 1, 1, 0]
+    model, threshold = tmp_path / "model.pt", tmp_path / "threshold.json"
+    model.write_text("weights of an earlier run")
+    saver = nc.BestClassifierSaver(net, collector, model, threshold)
+    saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": 1.0}, epoch=3)))
+    assert model.read_text() == "weights of an earlier run" and not threshold.exists()  # a failed run stops here
+    saver.publish()
+    info = nc.load_threshold(threshold, model)
+    assert info["threshold"] == 0.6 and info["epoch"] == 3 and info["val_sensitivity"] == 1.0
+    torch.save({"other": torch.zeros(1)}, model)
+    with pytest.raises(ValueError, match="another model"):
+        nc.load_threshold(threshold, model)
+
+
+def test_bundle_metadata_is_valid():
+    import jsonschema
+
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    schema = json.loads((REPO / "schemas" / "meta_schema_20240725.json").read_text())
+    jsonschema.validate(meta, schema)
+    assert meta["version"] in meta["changelog"]
+    assert set(meta["network_data_format"]["inputs"]) == {"image"}
+    assert set(meta["network_data_format"]["outputs"]) == {"pred"}
