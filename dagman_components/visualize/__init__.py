@@ -1,0 +1,1 @@
+"""Figures of DAGMaN checkpoints (attention overlays)."""
