@@ -1,0 +1,454 @@
+#!/usr/bin/env python
+# Copyright (c) DAGMaN components contributors.
+# Licensed under the Apache License, Version 2.0.
+"""Compare pretraining variants (the paper's Figure 4 / Table 1 protocol) with one command. Resumable.
+
+Each chosen variant of the pretraining bundle (``dagman`` = the bundle as is, or a file of
+``bundles/dagman_ct_pretraining/configs/variants/``; ``random_init`` = no pretraining, the
+same seeded initialisation) is pretrained with the same CT data, seed, configs and budget into its
+own ``bundle_root`` (``<output>/<variant>``), then evaluated:
+
+- ``nodule_lp``: linear probe of nodule malignancy on frozen features (the classification
+  components' table, preprocessing, patient-grouped folds and AUC; logistic regression per fold);
+- ``organ_clustering``: the clustering components' frozen-feature kNN accuracy, silhouette and
+  k-means NMI/ARI with a UMAP plot;
+- ``head_diversity``: attention-head diversity per Swin stage (JSON + box plots);
+- ``attention_overlay``: the SA [CLS] attention on CT slices (PNG).
+
+Every finished step is stored at once (atomically) in ``<output>/results.json``; a rerun skips
+finished steps, and an interrupted pretraining resumes from its ``models/checkpoint.pt`` (the
+bundle's own resume handler). The settings are stored too and a rerun with other settings is
+refused. ``results.md`` (one table, variant x metric), ``results.png`` and each step's figures are
+rewritten after every step.
+
+Example (the run of docs/results.md; 2 CPU cores)::
+
+    OMP_NUM_THREADS=1 python scripts/compare_pretraining.py --ct_dir ../shared/data/totalseg_example \\
+        --nodules ../shared/data/lidc_nodules --organs bundles/dagman_organ_ct_clustering/sample_data/organ_crops_totalseg_28.npz \\
+        --output /scratch/compare --variants random_init dagman smit no_noisy_teacher --max_epochs 20 \\
+        --set "roi_size=[32,32,32]" embed_dim=12 "num_heads=[3,3,3,3]" sa_heads=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dagman_components.weights import atomic_write_text
+
+logger = logging.getLogger("compare_pretraining")
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "dagman_ct_pretraining"
+VARIANTS_DIR = BUNDLE / "configs" / "variants"
+BASELINE = "dagman"
+NO_PRETRAINING = "random_init"
+STEPS = ("pretrain", "nodule_lp", "organ_clustering", "head_diversity", "attention_overlay")
+
+
+class SettingsMismatchError(ValueError):
+    """A rerun in an output folder that holds results of other settings."""
+
+
+def available_variants() -> list[str]:
+    """``random_init``, ``dagman`` and every override file of the bundle's ``configs/variants``."""
+    return [NO_PRETRAINING, BASELINE] + sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ct_dir", required=True, help="unlabelled CT: a folder of volumes or a JSON datalist (pretraining)")
+    p.add_argument("--nodules", required=True, help="folder with nodules.csv and image/ (LIDC layout)")
+    p.add_argument("--organs", required=True, help="organ crops npz in organmnist3d layout")
+    p.add_argument("--output", required=True, type=Path, help="output folder (one bundle_root per variant)")
+    p.add_argument("--variants", nargs="+", default=[NO_PRETRAINING, BASELINE, "smit"], help="see --list")
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--base_configs", nargs="+", default=["train.yaml", "demo.yaml"], help="bundle configs under every variant")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every variant's bundle run")
+    p.add_argument("--max_epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    p.add_argument("--lp_token", default="cls", choices=("cls", "global"), help="nodule linear-probe feature")
+    p.add_argument("--lp_folds", type=int, default=5)
+    p.add_argument("--organ_token", default="global", choices=("cls", "global"))
+    p.add_argument("--diversity_volumes", type=int, default=4)
+    p.add_argument("--diversity_roi", type=int, default=64,
+                   help="crop side for head diversity and overlays (Swin only; ViT uses its roi_size)")
+    p.add_argument("--max_minutes", type=float, default=0.0, help="start no new step after this long (0: no limit)")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What must be equal across reruns in one output folder (the variant list may grow)."""
+    return {
+        "ct_dir": os.path.abspath(args.ct_dir),
+        "nodules": os.path.abspath(args.nodules),
+        "organs": os.path.abspath(args.organs),
+        "base_configs": list(args.base_configs),
+        "overrides": {k: v for k, v in (s.split("=", 1) for s in args.set)},
+        "max_epochs": args.max_epochs,
+        "seed": args.seed,
+        "lp": {"token": args.lp_token, "folds": args.lp_folds},
+        "organ_token": args.organ_token,
+        "diversity_volumes": args.diversity_volumes,
+        "diversity_roi": args.diversity_roi,
+    }
+
+
+def load_results(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored results, or a fresh record; refuses results of other settings.
+
+    Raises:
+        SettingsMismatchError: when ``path`` holds results of other settings.
+    """
+    if not path.is_file():
+        return {"settings": dict(settings), "runs": {}}
+    results = json.loads(path.read_text())
+    if results.get("settings") != json.loads(json.dumps(settings)):
+        old, new = results.get("settings", {}), json.loads(json.dumps(settings))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise SettingsMismatchError(
+            f"{path} holds results of other settings (differing: {diff}); use another --output or the same settings."
+        )
+    return results
+
+
+def variant_config_files(variant: str, base_configs: Sequence[str]) -> list[str]:
+    """The bundle configs of one variant (base configs, then its override file).
+
+    Raises:
+        ValueError: for an unknown variant.
+    """
+    if variant not in available_variants():
+        raise ValueError(f"unknown variant '{variant}'; choose from {available_variants()}.")
+    files = [str(BUNDLE / "configs" / c) for c in base_configs]
+    if variant not in (BASELINE, NO_PRETRAINING):
+        files.append(str(VARIANTS_DIR / f"{variant}.yaml"))
+    return files
+
+
+def bundle_overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """The overrides every variant's bundle run gets."""
+    out = {k: parse_value(v) for k, v in settings_of(args)["overrides"].items()}
+    out.update(bundle_root=str(run_dir), dataset_dir=os.path.abspath(args.ct_dir), max_epochs=args.max_epochs,
+               seed=args.seed)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def pretrain_variant(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain one variant by running the bundle (resumes from ``models/checkpoint.pt`` when present);
+    ``random_init`` exports the seeded initial encoder instead."""
+    files = variant_config_files(variant, args.base_configs)
+    overrides = bundle_overrides(args, run_dir)
+    t0 = time.perf_counter()
+    if variant == NO_PRETRAINING:
+        from monai.bundle import ConfigParser
+
+        from dagman_components.weights import export_encoder
+
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update(overrides)
+        torch.manual_seed(args.seed)
+        encoder = parser.get_parsed_content("network_def").encoder
+        card = parser.get_parsed_content("model_card")
+        card["training"] = {**card.get("training", {}), "max_epochs": 0, "note": "no pretraining (seeded init)"}
+        export_encoder(encoder, run_dir / "models" / "model.pt", card)
+        return {"model": str(run_dir / "models" / "model.pt"), "seconds": round(time.perf_counter() - t0, 1),
+                "epochs": 0}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files),
+           "--logging_file", str(BUNDLE / "configs" / "logging.conf")]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "pretrain.log"
+    logger.info("%s: pretraining (%d epochs), log %s", variant, args.max_epochs, log_path)
+    with open(log_path, "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(run_dir))
+    model = run_dir / "models" / "model.pt"
+    if rc != 0 or not model.is_file():
+        raise RuntimeError(f"{variant}: the pretraining bundle failed (exit {rc}); see {log_path}.")
+    loss = None
+    curves = run_dir / "runs" / "loss_curves.csv"
+    if curves.is_file():
+        import pandas as pd
+
+        df = pd.read_csv(curves)
+        loss = {c: float(df[c].tail(max(1, len(df) // 10)).mean()) for c in df.columns if c.startswith("loss")}
+    return {"model": str(model), "seconds": round(time.perf_counter() - t0, 1), "epochs": args.max_epochs,
+            "final_loss_last10pct": loss}
+
+
+def _encoder(run_dir: Path, args: argparse.Namespace) -> torch.nn.Module:
+    from dagman_components.metrics.diversity_report import load_encoder_from_card
+
+    return load_encoder_from_card(run_dir / "models" / "model.pt", device=args.device, seed=args.seed)
+
+
+def nodule_images(nodules: str, cache: Path) -> dict[str, Any]:
+    """Every labelled nodule of the table, preprocessed once (classification components: 1 mm, 32^3)
+    and cached for all variants."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=False)
+    import dagman_components.classification as nc
+    from monai.data import Dataset
+    from monai.transforms import Compose
+    from tqdm import tqdm
+
+    items = nc.read_nodule_table(Path(nodules) / "nodules.csv", image_dir=Path(nodules) / "image")
+    ds = Dataset(items, Compose(nc.nodule_preprocessing(track_meta=False)))
+    images = torch.stack([ds[i]["image"] for i in tqdm(range(len(ds)), desc="nodules", unit="crop")])
+    data = {"images": images.half(), "labels": np.array([int(it["label"]) for it in items]),
+            "patients": np.array([str(it["patient"]) for it in items]), "ids": [str(it["id"]) for it in items]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    from dagman_components.weights import atomic_save
+
+    atomic_save(data, cache)
+    return data
+
+
+@torch.inference_mode()
+def encode(encoder: torch.nn.Module, images: torch.Tensor, token: str, batch: int = 32) -> np.ndarray:
+    """Frozen features (``cls`` or ``global``) of (N, 1, D, H, W) images."""
+    return np.concatenate(
+        [encoder(images[i : i + batch].float())[token].float().cpu().numpy() for i in range(0, len(images), batch)]
+    )
+
+
+def linear_probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
+    """Logistic regression (standardised features, balanced classes) in patient-grouped stratified
+    folds (classification components); AUC per fold and of the pooled out-of-fold scores."""
+    import dagman_components.classification as nc
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scores = np.zeros(len(y))
+    aucs = []
+    for test in nc.grouped_stratified_folds(y, groups, n_folds=folds, seed=seed):
+        train = np.setdiff1d(np.arange(len(y)), test)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000))
+        clf.fit(x[train], y[train])
+        scores[test] = clf.predict_proba(x[test])[:, 1]
+        aucs.append(nc.roc_auc(scores[test], y[test]))
+    return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_folds": [float(a) for a in aucs],
+            "auc_pooled": float(nc.roc_auc(scores, y)), "cases": int(len(y)), "positives": int(y.sum()),
+            "folds": folds, "classifier": "StandardScaler + LogisticRegression(C=1, balanced)"}
+
+
+def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Linear probe of nodule malignancy on frozen features."""
+    data = nodule_images(args.nodules, args.output / "cache" / "nodules.pt")
+    x = encode(_encoder(run_dir, args), data["images"], args.lp_token)
+    return {**linear_probe_auc(x, data["labels"], data["patients"], args.lp_folds, args.seed), "token": args.lp_token}
+
+
+def evaluate_organ_clustering(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Organ clustering of frozen features (clustering components), with its UMAP PNG."""
+    from dagman_components.clustering import OrganClustering, OrganFeatureExtractor, load_organ_npz
+
+    extractor = OrganFeatureExtractor(args.organ_token, roi_size=32, device=args.device, progress=False)
+    m = OrganClustering(load_organ_npz(args.organs), _encoder(run_dir, args), extractor, run_dir / "organ_clustering",
+                        seed=args.seed, description=f"compare_pretraining variant {variant}").run()
+    fs = m["feature_space"]
+    return {"knn_accuracy": fs["knn"]["accuracy_mean"], "silhouette": fs["silhouette"], "nmi": fs["kmeans"]["nmi"],
+            "ari": fs["kmeans"]["ari"], "separation": fs.get("separation"), "crops": m["data"]["cases"],
+            "classes": m["data"]["classes"], "token": args.organ_token, "figure": str(run_dir / "organ_clustering")}
+
+
+def evaluate_head_diversity(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Attention-head diversity per Swin stage on the pretraining CT (``skipped`` for the ViT)."""
+    from dagman_components.metrics.diversity_report import diversity_report
+
+    encoder = _encoder(run_dir, args)
+    if not hasattr(encoder, "layers1"):
+        return {"skipped": f"{type(encoder).__name__} has no Swin stages"}
+    rep = diversity_report(run_dir / "models" / "model.pt", args.ct_dir, run_dir / "diversity",
+                           roi_size=args.diversity_roi, max_volumes=args.diversity_volumes, device=args.device, seed=args.seed, title=variant,
+                           progress=False)
+    return {k: {"entropy_mean": v["distance_entropy_bits"]["mean"], "entropy_std": v["distance_entropy_bits"]["std"],
+                "head_spread": v["head_spread_of_mean_distance"]["mean"]} for k, v in rep["stages"].items()}
+
+
+def evaluate_attention_overlay(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The SA [CLS] attention over CT slices (PNG)."""
+    from dagman_components.visualize.attention_overlay import attention_overlay_figure
+
+    roi = None if not hasattr(_encoder(run_dir, args), "layers1") else args.diversity_roi  # the ViT needs its own size
+    return attention_overlay_figure(run_dir / "models" / "model.pt", args.ct_dir, run_dir / "attention_overlay.png",
+                                    roi_size=roi, max_volumes=args.diversity_volumes, device=args.device)
+
+
+#: Step name -> function(variant, run_dir, args) -> JSON-able dict. Looked up at call time (tests stub them).
+STEP_FUNCTIONS: dict[str, Callable[[str, Path, argparse.Namespace], dict]] = {
+    "pretrain": pretrain_variant,
+    "nodule_lp": evaluate_nodule_lp,
+    "organ_clustering": evaluate_organ_clustering,
+    "head_diversity": evaluate_head_diversity,
+    "attention_overlay": evaluate_attention_overlay,
+}
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def _fmt(value: Any, std: Any = None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]], dict[str, dict[str, Any]]]:
+    """The variant x metric table: header, Markdown cells and the raw numbers."""
+    stages = sorted({s for r in results["runs"].values() for s in (r.get("head_diversity") or {}) if s.startswith("stage")})
+    header = ["variant", "pretrain (s)", "final loss", "nodule LP AUC", "organ kNN acc", "organ silhouette", "organ NMI"]
+    header += [f"{s} dist. entropy (bits)" for s in stages]
+    rows, numbers = [], {}
+    for variant, r in results["runs"].items():
+        pre, lp, org, div = (r.get(k) or {} for k in ("pretrain", "nodule_lp", "organ_clustering", "head_diversity"))
+        loss = (pre.get("final_loss_last10pct") or {}).get("loss")
+        num = {"pretrain_seconds": pre.get("seconds"), "final_loss": loss, "nodule_lp_auc": lp.get("auc_mean"),
+               "nodule_lp_auc_std": lp.get("auc_std"), "organ_knn_accuracy": org.get("knn_accuracy"),
+               "organ_silhouette": org.get("silhouette"), "organ_nmi": org.get("nmi")}
+        num.update({f"{s}_distance_entropy_bits": (div.get(s) or {}).get("entropy_mean") for s in stages})
+        numbers[variant] = num
+        cells = [variant, _fmt(pre.get("seconds"), digits=0), _fmt(loss), _fmt(lp.get("auc_mean"), lp.get("auc_std")),
+                 _fmt(org.get("knn_accuracy")), _fmt(org.get("silhouette")), _fmt(org.get("nmi"))]
+        cells += [_fmt((div.get(s) or {}).get("entropy_mean"), (div.get(s) or {}).get("entropy_std")) for s in stages]
+        rows.append(cells)
+    return header, rows, numbers
+
+
+def write_outputs(results: Mapping[str, Any], out: Path) -> None:
+    """``results.json`` (everything), ``table.json`` (variant x metric), ``results.md`` and ``results.png``."""
+    atomic_write_text(json.dumps(results, indent=2, default=str), out / "results.json")
+    header, rows, numbers = table_rows(results)
+    atomic_write_text(json.dumps(numbers, indent=2), out / "table.json")
+    s = results["settings"]
+    lines = [
+        "# Pretraining comparison",
+        "",
+        f"Same data, seed and budget for every variant: CT `{s['ct_dir']}`, {s['max_epochs']} epochs, seed {s['seed']}, "
+        f"configs {s['base_configs']} + overrides `{s['overrides']}`. Nodule LP: {s['lp']['folds']}-fold patient-grouped "
+        f"logistic regression on frozen `{s['lp']['token']}` features (`{s['nodules']}`); organs: kNN / silhouette / "
+        f"k-means NMI on frozen `{s['organ_token']}` features (`{s['organs']}`); head diversity on "
+        f"{s['diversity_volumes']} pretraining volume(s) cropped to {s.get('diversity_roi')}^3, mean ± std over volumes. AUC: mean ± std over folds.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(r + ["–"] * (len(header) - len(r))) + " |" for r in rows]
+    atomic_write_text("\n".join(lines) + "\n", out / "results.md")
+    try:
+        plot_results(numbers, out / "results.png")
+    except Exception as e:  # a figure must never lose the numbers
+        logger.warning("results.png not written: %s", e)
+
+
+def plot_results(numbers: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """Left: nodule LP AUC and organ kNN accuracy per variant; right: distance entropy per stage (Figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dagman_components.metrics.diversity_report import _save_figure
+
+    variants = list(numbers)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    xs = np.arange(len(variants))
+    for off, key, label in ((-0.2, "nodule_lp_auc", "nodule LP AUC"), (0.2, "organ_knn_accuracy", "organ kNN acc")):
+        vals = [numbers[v].get(key) if numbers[v].get(key) is not None else np.nan for v in variants]
+        a.bar(xs + off, vals, width=0.4, label=label)
+    a.set_xticks(xs, variants, rotation=30, ha="right", fontsize=8)
+    a.set_ylim(0, 1)
+    a.legend(fontsize=8)
+    a.set_title("downstream (frozen features)", fontsize=9)
+    for v in variants:
+        st = sorted(k for k in numbers[v] if k.endswith("_distance_entropy_bits") and numbers[v][k] is not None)
+        if st:
+            b.plot([int(k[5]) for k in st], [numbers[v][k] for k in st], marker="o", label=v)
+    b.set_xlabel("Swin stage")
+    b.set_ylabel("attention-distance entropy (bits)")
+    b.set_title("head diversity per stage", fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(available_variants()))
+        return 0
+    for v in args.variants:
+        variant_config_files(v, args.base_configs)  # unknown names fail before any work
+    args.output = args.output.resolve()
+    args.output.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.output / "results.json", settings_of(args))
+    t0, failed, stopped = time.perf_counter(), [], False
+    for variant in args.variants:
+        run = results["runs"].setdefault(variant, {})
+        for step in args.steps:
+            if step in run:
+                logger.info("%s/%s: done, skipped", variant, step)
+                continue
+            if step != "pretrain" and "pretrain" not in run:
+                logger.warning("%s/%s: no pretrained weights yet, skipped", variant, step)
+                continue
+            if args.max_minutes and (time.perf_counter() - t0) / 60.0 > args.max_minutes:
+                stopped = True
+                break
+            logger.info("%s/%s: running", variant, step)
+            ts = time.perf_counter()
+            try:
+                run[step] = {**STEP_FUNCTIONS[step](variant, args.output / variant, args),
+                             "step_seconds": round(time.perf_counter() - ts, 1)}
+            except Exception as e:  # keep going with the other variants; the rerun retries this step
+                logger.exception("%s/%s failed", variant, step)
+                failed.append(f"{variant}/{step}: {e}")
+                if step == "pretrain":
+                    break
+                continue
+            write_outputs(results, args.output)
+        if stopped:
+            logger.warning("--max_minutes %.1f reached: rerun the same command to continue", args.max_minutes)
+            break
+    write_outputs(results, args.output)
+    for f in failed:
+        logger.error("failed: %s", f)
+    logger.info("table: %s", args.output / "results.md")
+    return 1 if failed else (2 if stopped else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
