@@ -395,7 +395,8 @@ def plot_results(numbers: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     b.set_xlabel("Swin stage")
     b.set_ylabel("attention-distance entropy (bits)")
     b.set_title("head diversity per stage", fontsize=9)
-    b.legend(fontsize=7)
+    if b.lines:
+        b.legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)

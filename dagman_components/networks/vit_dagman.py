@@ -94,6 +94,8 @@ class ViTDAGMaN(ViT):
         self.img_size = tuple(int(s) for s in img)
         self.patch_size = tuple(int(p) for p in patch)
         self.hidden_size = hidden_size
+        self.embed_dim = hidden_size  # the names Swin-based tools read
+        self.sa_stage = num_layers  # the [CLS] attention is the last block's
         self.sa_dim = hidden_size
         self.out_dim = hidden_size
 
