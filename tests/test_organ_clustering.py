@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -73,13 +75,20 @@ def test_cluster_distances_ignore_label_values_and_order():
     assert d.classes.tolist() == [3, 7, 11]
 
 
-def test_l2_normalisation_makes_metrics_scale_free():
+def test_unit_spread_makes_metrics_shift_and_scale_free():
     x = np.random.default_rng(1).normal(size=(12, 5))
     y = np.repeat([0, 1, 2], 4)
     a = cluster_distances(normalise_features(x), y)
-    b = cluster_distances(normalise_features(1000.0 * x), y)
+    b = cluster_distances(normalise_features(1000.0 * x + 7.0), y)
     assert a.intra_mean == pytest.approx(b.intra_mean) and a.inter_mean == pytest.approx(b.inter_mean)
-    np.testing.assert_allclose(np.linalg.norm(normalise_features(x), axis=1), 1.0)
+    u = normalise_features(x)
+    np.testing.assert_allclose(u.mean(axis=0), 0.0, atol=1e-12)
+    assert (u**2).sum(axis=1).mean() == pytest.approx(1.0)
+    # the same numbers as raw distances divided by the RMS spread
+    raw = cluster_distances(x, y)
+    spread = np.sqrt(((x - x.mean(axis=0)) ** 2).sum(axis=1).mean())
+    assert a.intra_mean == pytest.approx(raw.intra_mean / spread) and a.inter_mean == pytest.approx(raw.inter_mean / spread)
+    np.testing.assert_allclose(np.linalg.norm(normalise_features(x, "l2"), axis=1), 1.0)
     np.testing.assert_array_equal(normalise_features(x, "none"), x)
     with pytest.raises(ValueError, match="l2"):
         normalise_features(x, "l1")
@@ -326,6 +335,10 @@ def test_pretrained_encoder_loads_model_pt_with_its_card(tmp_path):
     enc = build_frozen_encoder("pretrained", tmp_path / "model.pt")
     assert all(torch.equal(p, q) for p, q in zip(enc.state_dict().values(), source.state_dict().values()))
     assert enc.load_report.loaded_fraction == 1.0 and len(enc.weights_sha256) == 64
+    # random init takes the architecture from the same card (like-for-like comparison), not the weights
+    rnd = build_frozen_encoder("random", tmp_path / "model.pt")
+    assert rnd.embed_dim == 12 and rnd.sa.blocks[0].attn.num_heads == 4
+    assert not torch.equal(rnd.state_dict()["sa.cls_token"], source.state_dict()["sa.cls_token"])
 
 
 def test_missing_weights_are_an_error_unless_random(tmp_path):
@@ -340,6 +353,14 @@ def test_missing_weights_are_an_error_unless_random(tmp_path):
 # ------------------------------------------------------------------------------------------------ crop script
 
 
+def _crop_script():
+    """scripts/make_organ_crops.py as a module (run in-process: no second interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location("make_organ_crops", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO.parent), env=env)
@@ -352,8 +373,7 @@ def test_script_reproduces_the_shipped_sample_and_writes_nifti(tmp_path):
             "--names", str(BUNDLE / "sample_data" / "totalseg_to_organmnist3d.json"), "--ignore-unnamed",
             "--sizes", "24", "32", "40", "--jitters-per-size", "1", "--max-jitter", "3", "--output-size", "28",
             "--out-npz", str(out), "--out-nifti", str(tmp_path / "nifti")]  # fmt: skip
-    result = _run([sys.executable, str(SCRIPT), *args])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert _crop_script().main(args) == 0
     with np.load(out) as new, np.load(SAMPLE) as shipped:
         assert sorted(new.files) == sorted(shipped.files)
         for key in new.files:
@@ -369,7 +389,7 @@ def test_script_reproduces_the_shipped_sample_and_writes_nifti(tmp_path):
     np.testing.assert_allclose(np.abs(np.diag(first.affine)[:3]), 2.0 * 24 / 28, rtol=1e-5)  # 24 voxels of 2 mm in 28
 
 
-def test_script_names_unnamed_ids(tmp_path):
+def test_script_names_unnamed_ids(tmp_path, caplog):
     label = np.zeros((16, 16, 16), np.int16)
     label[2:6, 2:6, 2:6], label[8:12, 8:12, 8:12] = 1, 69
     ct = np.full((16, 16, 16), -500, np.int16)
@@ -378,8 +398,9 @@ def test_script_names_unnamed_ids(tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({"1": "spleen"}))
     args = ["--image", str(tmp_path / "ct.nii.gz"), "--label", str(tmp_path / "seg.nii.gz"), "--names",
             str(tmp_path / "names.json"), "--out-npz", str(tmp_path / "o.npz"), "--sizes", "8", "--output-size", "8"]  # fmt: skip
-    result = _run([sys.executable, str(SCRIPT), *args])
-    assert result.returncode == 1 and "[69]" in result.stderr and "--ignore-unnamed" in result.stderr
+    with caplog.at_level(logging.ERROR, logger="make_organ_crops"):
+        assert _crop_script().main(args) == 1
+    assert "[69]" in caplog.text and "seg.nii.gz" in caplog.text and "--ignore-unnamed" in caplog.text
     assert not (tmp_path / "o.npz").exists()
 
 
@@ -421,6 +442,7 @@ def test_bundle_run_on_shipped_crops_writes_metrics_csv_and_png(tmp_path):
         feats, labels = z["features"], z["labels"]
     assert feats.shape == (42, 96)
     d = cluster_distances(normalise_features(feats), labels)
+    assert metrics["feature_norm"] == "unit_spread"
     assert fs["intra_cluster"]["mean"] == pytest.approx(d.intra_mean, rel=1e-6)
     assert fs["inter_cluster"]["mean"] == pytest.approx(d.inter_mean, rel=1e-6) and fs["inter_cluster"]["pairs"] == 21
     import pandas as pd

@@ -41,9 +41,21 @@ logger = logging.getLogger(__name__)
 
 
 class FeatureNorm(StrEnum):
-    """How features are scaled before any distance is measured."""
+    """How features are scaled before any distance is measured.
 
-    L2 = "l2"  # each vector divided by its Euclidean norm (distances in [0, 2], comparable across encoders)
+    * ``unit_spread``: centred on the mean feature ``m`` and divided by the root-mean-square
+      distance to it, ``x' = (x - m) / sqrt(mean_i ||x_i - m||^2)``, so the average squared
+      distance to the overall centroid is 1 for every encoder and distances are comparable
+      across encoders of different widths and scales; kNN, k-means, silhouette and UMAP's
+      Euclidean neighbours are unchanged by it (shift and global scale).
+    * ``l2``: each vector divided by its Euclidean norm (cosine geometry). Frozen Swin features
+      share one large common direction (they are layer-normalised outputs), so after ``l2`` all
+      distances are small and their absolute values say little.
+    * ``none``: raw features.
+    """
+
+    UNIT_SPREAD = "unit_spread"
+    L2 = "l2"
     NONE = "none"
 
 
@@ -101,18 +113,24 @@ def _check(x: np.ndarray, labels: np.ndarray, min_classes: int = 2) -> tuple[np.
     return x, labels
 
 
-def normalise_features(x: np.ndarray, norm: str = FeatureNorm.L2, eps: float = 1e-12) -> np.ndarray:
-    """Scale features as ``norm`` says (``l2``: unit Euclidean norm per row; ``none``: unchanged).
+def normalise_features(x: np.ndarray, norm: str = FeatureNorm.UNIT_SPREAD, eps: float = 1e-12) -> np.ndarray:
+    """Scale ``(N, F)`` features as ``norm`` says (see :class:`FeatureNorm`).
 
     Example:
-        >>> normalise_features(np.array([[3.0, 4.0]]))
+        >>> normalise_features(np.array([[0.0, 1.0], [2.0, 1.0]]))
+        array([[-1.,  0.],
+               [ 1.,  0.]])
+        >>> normalise_features(np.array([[3.0, 4.0]]), "l2")
         array([[0.6, 0.8]])
     """
     norm = look_up_option(norm, FeatureNorm)
     x = np.asarray(x, dtype=np.float64)
     if norm == FeatureNorm.NONE:
         return x
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    if norm == FeatureNorm.L2:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    centred = x - x.mean(axis=0, keepdims=True)
+    return centred / max(float(np.sqrt((centred**2).sum(axis=1).mean())), eps)
 
 
 def cluster_distances(x: np.ndarray, labels: np.ndarray) -> ClusterDistances:

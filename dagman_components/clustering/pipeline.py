@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch.nn as nn
+from monai.utils import look_up_option
 
 from dagman_components.clustering.embedding import plot_embedding, umap_embedding
 from dagman_components.clustering.features import OrganFeatureExtractor
 from dagman_components.clustering.metrics import (
+    FeatureNorm,
     cluster_distances,
     kmeans_agreement,
     knn_cv_accuracy,
@@ -80,7 +82,8 @@ class OrganClustering:
             unused with the ``voxels`` token.
         extractor: an :class:`OrganFeatureExtractor` (token, ROI, batch size, device).
         output_dir: where the files of :data:`OUTPUT_FILES` go.
-        feature_norm: ``l2`` or ``none``; applied before every metric and before UMAP.
+        feature_norm: ``unit_spread``, ``l2`` or ``none`` (see
+            :class:`~dagman_components.clustering.FeatureNorm`); applied before every metric and UMAP.
         knn_k: neighbours of the kNN classifier.
         cv_folds: largest number of cross-validation folds.
         umap_neighbors: UMAP ``n_neighbors`` (capped at N - 1).
@@ -101,7 +104,7 @@ class OrganClustering:
         encoder: nn.Module | None,
         extractor: OrganFeatureExtractor,
         output_dir: str | os.PathLike,
-        feature_norm: str = "l2",
+        feature_norm: str = "unit_spread",
         knn_k: int = 5,
         cv_folds: int = 5,
         umap_neighbors: int = 15,
@@ -115,7 +118,7 @@ class OrganClustering:
         self.encoder = encoder
         self.extractor = extractor
         self.output_dir = Path(output_dir)
-        self.feature_norm = feature_norm
+        self.feature_norm = look_up_option(feature_norm, FeatureNorm)
         self.knn_k = int(knn_k)
         self.cv_folds = int(cv_folds)
         self.umap_neighbors = int(umap_neighbors)
@@ -185,9 +188,9 @@ class OrganClustering:
         title = f"{enc.get('init', 'no network')} encoder, {enc['token']} features, {m['data']['cases']} crops"
         lines = [
             f"features ({m['feature_norm']}): intra {fs['intra_cluster']['mean']:.3f}±{fs['intra_cluster']['std']:.3f}, "
-            f"inter {fs['inter_cluster']['mean']:.3f}±{fs['inter_cluster']['std']:.3f}, "
-            f"silhouette {fs['silhouette']:.3f}, kNN acc {fs['knn']['accuracy_mean']:.3f}, "
-            f"k-means NMI {fs['kmeans']['nmi']:.3f} ARI {fs['kmeans']['ari']:.3f}",
+            f"inter {fs['inter_cluster']['mean']:.3f}±{fs['inter_cluster']['std']:.3f}",
+            f"silhouette {fs['silhouette']:.3f}, kNN accuracy {fs['knn']['accuracy_mean']:.3f}, "
+            f"k-means NMI {fs['kmeans']['nmi']:.3f} / ARI {fs['kmeans']['ari']:.3f}",
             f"UMAP: intra {us['intra_cluster']['mean']:.2f}±{us['intra_cluster']['std']:.2f}, "
             f"inter {us['inter_cluster']['mean']:.2f}±{us['inter_cluster']['std']:.2f}",
         ]
