@@ -246,6 +246,26 @@ def plot_rocs(runs: Mapping[str, dict], out_dir: Path) -> list[str]:
     return written
 
 
+def summary_markdown(results: Mapping[str, Any]) -> str:
+    """A markdown table of the summary (mean +/- std over folds) and of every run (value [95 % CI])."""
+    lines = ["| mode | fraction | init | folds | AUC | sensitivity | specificity | pooled AUC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, s in sorted(results.get("summary", {}).items(), key=lambda kv: (kv[0].split("|")[1], kv[0].split("|")[2],
+                                                                             kv[0].split("|")[0])):
+        init, mode, fraction = key.split("|")
+        cells = [f"{s[m]['mean']:.3f} +/- {s[m]['std']:.3f}" for m in ("auc", "sensitivity", "specificity")]
+        pooled = f"{s['pooled_auc']:.3f}" if s["pooled_auc"] is not None else "-"
+        lines.append(f"| {mode} | {float(fraction):g} | {init} | {s['folds']} | " + " | ".join(cells) + f" | {pooled} |")
+    lines += ["", "| run (init, mode, fraction, fold) | test AUC [95 % CI] | sensitivity | specificity | best val AUC "
+              "(epoch) | minutes |", "|---|---|---|---|---|---|"]
+    for key, run in sorted(results.get("runs", {}).items()):
+        t = run["test"]
+        ci = lambda m: f"{t[m]['value']:.3f} [{t[m]['ci95'][0]:.3f}, {t[m]['ci95'][1]:.3f}]"  # noqa: E731
+        lines.append(f"| {key.replace('|', ', ')} | {ci('auc')} | {ci('sensitivity')} | {ci('specificity')} | "
+                     f"{run['val']['val_auc']:.3f} ({run['val']['epoch']}) | {run.get('minutes', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -287,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["summary"] = summarise(results["runs"])
         results["roc_pngs"] = plot_rocs(results["runs"], output.parent)
         atomic_write_text(json.dumps(results, indent=1) + "\n", output)
+        atomic_write_text(summary_markdown(results), output.with_suffix(".md"))
         t = run["test"]
         logger.info("%s: test AUC %.3f [%.3f, %.3f] (%.1f min)", key, t["auc"]["value"], *t["auc"]["ci95"],
                     run["minutes"])

@@ -35,6 +35,15 @@ TINY = {"embed_dim": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 3, 3, 3), "sa_
 TINY_ARGS = ["--embed_dim", "12", "--depths", "[2,2,2,2]", "--num_heads", "[3,3,3,3]", "--sa_heads", "4"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread per process: the tests run beside other work on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _encoder(seed: int = 0) -> SwinDAGMaN:
     torch.manual_seed(seed)
     return SwinDAGMaN(**TINY)
@@ -179,9 +188,9 @@ def test_bootstrap_interval_reproduces_a_hand_computed_one():
     rng = np.random.default_rng(1)
     y = np.r_[np.zeros(15, int), np.ones(10, int)]
     s = rng.random(25) + 0.3 * y
-    low, high = nc.bootstrap_ci(s, y, nc.roc_auc, n_boot=300, seed=7)
+    low, high = nc.bootstrap_ci(s, y, nc.roc_auc, n_boot=200, seed=7)
     draw, values = np.random.default_rng(7), []
-    while len(values) < 300:
+    while len(values) < 200:
         idx = draw.integers(0, 25, size=25)
         if len(set(y[idx])) == 2:
             values.append(roc_auc_score(y[idx], s[idx]))
@@ -301,23 +310,38 @@ def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ bundle
 
 
-def _bundle_run(bundle: Path, configs: list[str], *args: str) -> subprocess.CompletedProcess:
+def _copy_bundle(parent: Path) -> Path:
+    bundle = parent / "dagman_lung_nodule_ct_classification"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    (bundle / "models").mkdir()
+    return bundle
+
+
+def _cli_run(bundle: Path, configs: list[str], *args: str) -> None:
+    """``python -m monai.bundle run`` in a subprocess on the sample, with the tiny encoder."""
     files = "[" + ",".join(f"'{bundle / 'configs' / c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(bundle),
            "--dataset_dir", str(SAMPLE), "--num_workers", "0", "--batch_size", "4", *TINY_ARGS, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=bundle.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+
+
+def _run(bundle: Path, configs: list[str], **overrides) -> None:
+    """The same ``monai.bundle run`` entry point in this process (no interpreter start-up); the bundle's
+    logging.conf is not applied so that pytest keeps its log capture."""
+    from monai.bundle import run
+
+    tiny = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    run(config_file=[str(bundle / "configs" / c) for c in configs], logging_file=False, bundle_root=str(bundle),
+        dataset_dir=str(SAMPLE), num_workers=0, batch_size=4, **tiny, **overrides)
 
 
 @pytest.fixture(scope="module")
 def trained_bundle(tmp_path_factory):
-    """A copy of the bundle trained for two epochs (fine-tuning, random init) on the sample."""
-    bundle = tmp_path_factory.mktemp("b") / "dagman_lung_nodule_ct_classification"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
-    (bundle / "models").mkdir()
-    _bundle_run(bundle, ["train.yaml"], "--pretrained_path", "random", "--max_epochs", "2")
+    """A copy of the bundle trained for one epoch (fine-tuning, random init) on the sample, from the command line."""
+    bundle = _copy_bundle(tmp_path_factory.mktemp("b"))
+    _cli_run(bundle, ["train.yaml"], "--pretrained_path", "random", "--max_epochs", "1")
     return bundle
 
 
@@ -327,7 +351,7 @@ def test_train_then_evaluate(trained_bundle):
     assert info["n_val"] >= 2 and 0.0 <= info["threshold"] <= 1.0
     assert not (trained_bundle / "models" / ".staging").exists()
     assert (trained_bundle / "eval" / "training_curves.png").stat().st_size > 1000
-    _bundle_run(trained_bundle, ["train.yaml", "evaluate.yaml"], "--n_boot", "50")
+    _run(trained_bundle, ["train.yaml", "evaluate.yaml"], n_boot=50)
     report = json.loads((trained_bundle / "eval" / "test_metrics.json").read_text())
     pred = pd.read_csv(trained_bundle / "eval" / "test_predictions.csv")
     assert report["n"] == len(pred) == 8 and report["threshold"] == info["threshold"]  # fold 0 of 3 on 24 patients
@@ -339,8 +363,8 @@ def test_train_then_evaluate(trained_bundle):
 @pytest.mark.slow
 def test_inference_writes_probabilities_and_attention(trained_bundle, tmp_path):
     pd.read_csv(CSV).head(2).drop(columns=["Malignancy_value"]).to_csv(tmp_path / "new.csv", index=False)
-    _bundle_run(trained_bundle, ["train.yaml", "inference.yaml"], "--infer_source", str(tmp_path / "new.csv"),
-                "--infer_image_dir", str(IMAGES), "--infer_dir", str(tmp_path / "out"))
+    _run(trained_bundle, ["train.yaml", "inference.yaml"], infer_source=str(tmp_path / "new.csv"),
+         infer_image_dir=str(IMAGES), infer_dir=str(tmp_path / "out"))
     pred = pd.read_csv(tmp_path / "out" / "inference_predictions.csv")
     assert pred.id.tolist() == ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0003_R_2"] and pred.label.isna().all()
     assert pred.probability_malignant.between(0, 1).all() and set(pred.prediction) <= {0, 1}
@@ -374,16 +398,43 @@ def test_verify_net_in_out_and_traced_export_equals_eager(trained_bundle):
 
 @pytest.mark.slow
 def test_linear_probe_run_keeps_the_pretrained_encoder(tmp_path):
-    bundle = tmp_path / "dagman_lung_nodule_ct_classification"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval"))
-    (bundle / "models").mkdir()
+    """train.yaml in linear_probe mode (in this process: same parser and expressions as ``monai.bundle run``)."""
+    from monai.bundle import ConfigParser
+
     pretrained = _encoder(seed=3)
     torch.save(pretrained.state_dict(), tmp_path / "model.pt")
-    _bundle_run(bundle, ["train.yaml"], "--pretrained_path", str(tmp_path / "model.pt"), "--mode", "linear_probe",
-                "--max_epochs", "1", "--few_shot_fraction", "0.5")
-    trained = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(SAMPLE), "pretrained_path": str(tmp_path / "model.pt"),
+                   "mode": "linear_probe", "max_epochs": 1, "few_shot_fraction": 0.5, "num_workers": 0, "batch_size": 4,
+                   "device": "$torch.device('cpu')", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}})
+    (tmp_path / "models").mkdir()
+    parser.get_parsed_content("initialize")
+    head_before = parser.get_parsed_content("network").head.weight.detach().clone()
+    parser.get_parsed_content("run")
+    parser.get_parsed_content("finalize")
+    trained = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in pretrained.state_dict().items())
-    assert not torch.equal(trained["head.weight"], torch.zeros_like(trained["head.weight"]))
+    assert not torch.equal(trained["head.weight"], head_before)
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_runs_under_a_process_group(tmp_path, monkeypatch):
+    """multi_gpu_train.yaml with a one-process gloo group (what torchrun sets up per process): DDP wrapper,
+    DistributedSampler, rank-0 publishing and the group's teardown."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    bundle = _copy_bundle(tmp_path)
+    _run(bundle, ["train.yaml", "multi_gpu_train.yaml"], pretrained_path="random", max_epochs=1)
+    assert not torch.distributed.is_initialized()
+    assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "threshold.json").is_file()
+    assert "module.encoder.patch_embed.proj.weight" not in torch.load(bundle / "models" / "model.pt", weights_only=True)
 
 
 def test_best_saver_publishes_only_when_finished(tmp_path):

@@ -12,12 +12,12 @@ its mean over one cell's voxels is that cell's S_ATT divided by the cell's voxel
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+
+from dagman_components.classification._files import replace_atomically
 
 __all__ = ["attention_to_voxels", "save_nifti_atomic"]
 
@@ -52,13 +52,5 @@ def attention_to_voxels(s_att: torch.Tensor, sa_grid: torch.Tensor | tuple[int, 
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
     """Write a 3D array as NIfTI (float32) with ``affine`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64)), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    replace_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
+from monai.utils import convert_to_tensor
 
 from dagman_components.classification.attention import save_nifti_atomic
 from dagman_components.classification.metrics import binary_report, roc_curve, sensitivity_specificity, youden_threshold
@@ -295,7 +296,7 @@ class AttentionOverlayWriter:
         net = unwrap(self.network)
         device = next(net.parameters()).device
         items, outputs = _as_list(engine.state.batch), _as_list(engine.state.output)
-        images = torch.stack([torch.as_tensor(it[self.image_key]) for it in items]).to(device)
+        images = torch.stack([convert_to_tensor(it[self.image_key], track_meta=False) for it in items]).to(device)
         was_training = net.training
         net.eval()
         attention = net.attention_map(images).cpu().numpy()

@@ -5,14 +5,13 @@ Every figure is written atomically (temporary file, then rename)."""
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dagman_components.classification._files import replace_atomically
 
 __all__ = ["save_png_atomic", "plot_roc_curves", "plot_training_curves", "plot_attention_montage"]
 
@@ -28,19 +27,10 @@ def _pyplot() -> Any:
 
 def save_png_atomic(fig: Any, path: str | os.PathLike) -> None:
     """Render a matplotlib figure to ``path`` through a temporary file and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _pyplot().close(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _pyplot().close(fig)
 
 
 def plot_roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], float]], path: str | os.PathLike,

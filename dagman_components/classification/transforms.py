@@ -87,7 +87,7 @@ def world_to_voxel(point: Sequence[float], affine: Any, system: str = Coordinate
 
     Example:
         >>> world_to_voxel([-10.0, -20.0, 5.0], np.diag([2.0, 2.0, 2.0, 1.0]), "RAS")
-        array([-5. , -10. ,  2.5])
+        array([ -5. , -10. ,   2.5])
     """
     system = look_up_option(system, CoordinateSystem)
     p = np.asarray(point, dtype=np.float64).reshape(3)
