@@ -25,19 +25,22 @@ from .encoder_init import (
 )
 from .handlers import (
     BestMetricModelSaver,
+    FinalValidationHandler,
     MetricDetailsPlotter,
     SegmentationCurvePlotter,
     SegmentationProgressBar,
     handlers_for_rank,
 )
 from .pairs import read_geometry, validate_image_label_pairs
-from .transforms import SegmentationPostprocessd
+from .transforms import HideKeyPrefixedItemsd, RestoreHiddenItemsd, SegmentationPostprocessd, keep_largest_component
 
 __all__ = [
     "FOLDER_PAIRS",
     "PRETRAINING_ONLY_PREFIXES",
     "SWIN_UNETR_ENCODER_PREFIX",
     "BestMetricModelSaver",
+    "FinalValidationHandler",
+    "HideKeyPrefixedItemsd",
     "MetricDetailsPlotter",
     "SegmentationCurvePlotter",
     "SegmentationPostprocessd",
@@ -45,11 +48,13 @@ __all__ = [
     "build_segmentation_datalist",
     "check_card_matches",
     "find_image_label_folders",
+    "keep_largest_component",
     "handlers_for_rank",
     "init_swin_unetr",
     "load_swin_unetr_encoder",
     "pair_folders",
     "read_geometry",
+    "RestoreHiddenItemsd",
     "segmentation_split",
     "split_by_group",
     "swin_unetr_encoder_settings",

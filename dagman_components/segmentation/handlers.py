@@ -26,6 +26,7 @@ from dagman_components.weights import _atomic_replace, atomic_save, atomic_write
 
 __all__ = [
     "BestMetricModelSaver",
+    "FinalValidationHandler",
     "SegmentationCurvePlotter",
     "MetricDetailsPlotter",
     "SegmentationProgressBar",
@@ -95,6 +96,31 @@ class BestMetricModelSaver:
         if _is_main_process():
             atomic_save({k: unwrap(v).state_dict() for k, v in self.save_dict.items()}, self.save_path)
             logger.info("new best %s %.4f: saved %s", name, value, self.save_path)
+
+
+class FinalValidationHandler:
+    """Run the validator once more when training completes on an epoch that ``ValidationHandler``
+    skipped (``max_epochs`` not a multiple of ``interval``), so that the last epochs are validated
+    and the best model is saved even by a run shorter than ``interval`` epochs.
+
+    Args:
+        validator: the evaluator that ``ValidationHandler`` runs.
+        interval: the ``ValidationHandler``'s epoch interval.
+    """
+
+    def __init__(self, validator: Engine, interval: int) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        self.validator = validator
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval:
+            self.validator.run(engine.state.epoch)
 
 
 class SegmentationCurvePlotter:

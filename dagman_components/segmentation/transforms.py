@@ -15,11 +15,14 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import FillHoles, MapTransform
+from monai.transforms import FillHoles, MapTransform, Transform
 from monai.utils import convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
-__all__ = ["keep_largest_component", "SegmentationPostprocessd"]
+__all__ = ["keep_largest_component", "SegmentationPostprocessd", "HideKeyPrefixedItemsd", "RestoreHiddenItemsd"]
+
+#: Where :class:`HideKeyPrefixedItemsd` keeps the entries it hides.
+HIDDEN_KEY = "_hidden_items"
 
 
 def keep_largest_component(mask: np.ndarray, connectivity: int | None = None) -> np.ndarray:
@@ -114,4 +117,43 @@ class SegmentationPostprocessd(MapTransform):
                 if d[key].shape[0] > 1:  # one-hot: the filled voxels leave the background channel
                     d[key][0] = 1 - (d[key][1:] > 0).any(0).to(d[key].dtype) if isinstance(d[key], torch.Tensor) \
                         else 1 - (d[key][1:] > 0).any(0).astype(d[key].dtype)
+        return d
+
+
+class HideKeyPrefixedItemsd(MapTransform):
+    """Move entries such as ``image_path`` (a string) out of the way of MONAI's ``Spacingd``.
+
+    MONAI 1.6.1's ``Spacingd`` treats every entry whose key starts with ``"<key>_"`` as a metadata
+    dict of ``<key>`` and calls ``.update`` on it, which fails for a string (MONAI Label adds
+    ``image_path`` to every request; user datalists may hold ``image_id``). This transform moves
+    such entries (not dicts) into ``data["_hidden_items"]``; :class:`RestoreHiddenItemsd` puts them back.
+
+    Args:
+        keys: the image / label keys whose ``"<key>_*"`` entries are hidden.
+        allow_missing_keys: unused (kept for the MapTransform signature).
+
+    Example:
+        >>> HideKeyPrefixedItemsd("image")({"image": 0, "image_path": "a.nii"})
+        {'image': 0, '_hidden_items': {'image_path': 'a.nii'}}
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        prefixes = tuple(f"{k}_" for k in self.keys)
+        hidden = {k: d.pop(k) for k in list(d) if isinstance(k, str) and k.startswith(prefixes)
+                  and not isinstance(d[k], Mapping)}
+        if hidden:
+            d[HIDDEN_KEY] = {**d.get(HIDDEN_KEY, {}), **hidden}
+        return d
+
+
+class RestoreHiddenItemsd(Transform):
+    """Put back the entries hidden by :class:`HideKeyPrefixedItemsd` (no-op when none were hidden)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d.update(d.pop(HIDDEN_KEY, None) or {})
         return d
