@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 CONFIGS = REPO / "bundles" / "dagman_ct_pretraining" / "configs"
 VARIANTS = sorted(p.stem for p in (CONFIGS / "variants").glob("*.yaml"))
 TINY = {"roi_size": [32, 32, 32], "embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 3,
-        "head_out_dim": 32, "head_hidden_dim": 16, "head_bottleneck_dim": 8, "max_epochs": 2}
+        "head_out_dim": 32, "head_hidden_dim": 16, "head_bottleneck_dim": 8, "max_epochs": 2,
+        "vit_hidden_size": 24, "vit_depth": 2, "vit_heads": 3, "vit_patch_size": 8}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
