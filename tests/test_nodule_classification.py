@@ -243,11 +243,37 @@ def test_world_point_crop_centres_the_nodule(tmp_path):
     assert "outside image" in str(e.value.__cause__) and "coordinate_system" in str(e.value.__cause__)
 
 
+def test_luna16_style_metaimage_with_itk_world_coordinates(tmp_path):
+    """LUNA16: a .mhd volume and a centre in ITK's physical (LPS) space, computed by ITK itself."""
+    itk = pytest.importorskip("itk")
+    arr = np.full((24, 60, 60), -1000, np.int16)  # ITK arrays are z, y, x
+    blob = (20, 41, 9)  # x, y, z index
+    arr[blob[2] - 1: blob[2] + 2, blob[1] - 2: blob[1] + 3, blob[0] - 2: blob[0] + 3] = 400
+    image = itk.image_from_array(arr)
+    image.SetSpacing([0.7, 0.7, 2.5])
+    image.SetOrigin([-120.0, -90.0, -300.0])
+    itk.imwrite(image, str(tmp_path / "1.3.6.mhd"))
+    x, y, z = image.TransformIndexToPhysicalPoint(list(blob))
+    pd.DataFrame({"seriesuid": ["1.3.6"], "coordX": [x], "coordY": [y], "coordZ": [z], "malignant": [1]}).to_csv(
+        tmp_path / "annotations.csv", index=False)
+    items = nc.read_nodule_table(tmp_path / "annotations.csv", tmp_path, id_column="{seriesuid}_{row}",
+                                 patient_column="seriesuid", label_column="malignant",
+                                 label_rule={"positive_min": 1, "negative_max": 0}, image_template="{seriesuid}.mhd",
+                                 center_columns=["coordX", "coordY", "coordZ"])
+    out = Compose(nc.nodule_preprocessing(center_key="center"))(items[0])["image"]
+    np.testing.assert_allclose(np.argwhere(out[0].numpy() > 0.5).mean(axis=0), [16, 16, 16], atol=0.6)
+
+
 def test_crop_preprocessing_of_real_nodules():
     items = nc.read_nodule_table(CSV, IMAGES)[:2]
     out = Compose(nc.nodule_preprocessing())(items[0])["image"]
     assert tuple(out.shape) == (1, *nc.NODULE_ROI) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     np.testing.assert_allclose(np.abs(np.diag(np.asarray(out.affine))[:3]), nc.NODULE_SPACING)
+    # the LIDC table's world centres are LPS: they fall at the centre of the (nodule-centred) crops
+    for it in nc.read_nodule_table(CSV, IMAGES, center_columns=["coordX", "coordY", "coordZ"]):
+        crop = nib.load(it["image"])
+        offset = nc.world_to_voxel(it["center"], crop.affine, "LPS") - (np.array(crop.shape) - 1) / 2
+        assert np.abs(offset * np.array(crop.header.get_zooms())).max() < 5.0, it["id"]  # mm
 
 
 # ------------------------------------------------------------------------------------------------ network
