@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = args.split or ["test"] * len(args.image)
     if not len(args.image) == len(args.label) == len(splits):
-        parser.error(f"give as many --label (and --split) as --image: {len(args.image)}, {len(args.label)}, {len(splits)}")
+        counts = f"{len(args.image)}, {len(args.label)}, {len(splits)}"
+        parser.error(f"give as many --label (and --split) as --image: {counts}")
     if args.out_npz is None and args.out_nifti is None:
         parser.error("give --out-npz and/or --out-nifti")
     try:
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 case_ids.setdefault(split, []).append(cid)
                 if args.out_nifti is not None:
                     fname = cid.replace("/", "_") + ".nii.gz"
-                    _save_nifti(c.image, _crop_affine(affine, c.start, c.size, args.output_size), args.out_nifti / fname)
+                    crop_affine = _crop_affine(affine, c.start, c.size, args.output_size)
+                    _save_nifti(c.image, crop_affine, args.out_nifti / fname)
                     for key, value in {
                         "file": fname,
                         "case_id": cid,
@@ -168,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rows, args.out_nifti / "crops.csv")
         logger.info("wrote %d NIfTI crops and crops.csv to %s", len(rows["file"]), args.out_nifti)
     if args.out_npz is not None:
+        organmnist3d = _uses_organmnist3d_ids(class_ids)
         save_organ_npz(
             args.out_npz,
             {s: np.stack(v) for s, v in images.items()},
             {s: np.asarray(v) for s, v in labels.items()},
-            label_names=ORGANMNIST3D_LABELS if _uses_organmnist3d_ids(class_ids) else {i: n for n, i in class_ids.items()},
+            label_names=ORGANMNIST3D_LABELS if organmnist3d else {i: n for n, i in class_ids.items()},
             case_ids=case_ids,
         )
         counts = {s: len(v) for s, v in labels.items()}

@@ -3,11 +3,12 @@
 How much do the metrics of ``bundles/dagman_organ_ct_clustering`` move between random seeds? This
 runs the bundle's feature extraction and feature-space metrics (same definitions, same folds) for
 the pretrained encoder and for random encoders of the same architecture with seeds 0..N-1, and
-prints one line per token: the pretrained value and the random mean ± std [min, max].
+logs one line per token: the pretrained value and the random mean ± std [min, max].
 
 Usage (from the repository root)::
 
-    python scripts/organ_clustering_seed_spread.py --data bundles/dagman_organ_ct_clustering/sample_data/organ_crops_totalseg_28.npz \\
+    python scripts/organ_clustering_seed_spread.py \\
+        --data bundles/dagman_organ_ct_clustering/sample_data/organ_crops_totalseg_28.npz \\
         --model-path /path/to/dagman_ct_pretraining/models/model.pt [--seeds 5] [--tokens global cls]
 """
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roi-size", type=int, default=32)
     parser.add_argument("--feature-norm", default="unit_spread")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
 
     ds = load_organ_npz(args.data)
     for token in args.tokens:
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[(init, seed)] = scores(x, ds.labels)
         rnd = np.stack([v for (init, _), v in runs.items() if init == "random"])
         pre = runs[("pretrained", 0)]
-        print(f"{args.data.name} {token} pretrained: " + ", ".join(f"{c} {v:.3f}" for c, v in zip(COLUMNS, pre)))
-        print(f"{args.data.name} {token} random x{args.seeds}: " + ", ".join(
+        logger.info("%s %s pretrained: %s", args.data.name, token, ", ".join(f"{c} {v:.3f}" for c, v in zip(COLUMNS, pre)))
+        logger.info("%s %s random x%d: %s", args.data.name, token, args.seeds, ", ".join(
             f"{c} {m:.3f} ± {s:.3f} [{lo:.3f}, {hi:.3f}]"
             for c, m, s, lo, hi in zip(COLUMNS, rnd.mean(0), rnd.std(0), rnd.min(0), rnd.max(0))
         ))  # fmt: skip

@@ -301,7 +301,8 @@ def test_missing_or_non_npz_file(tmp_path):
 def test_shipped_sample_is_organmnist3d_layout():
     ds = load_organ_npz(SAMPLE)
     assert ds.images.shape == (42, 28, 28, 28) and ds.images.dtype == np.uint8
-    assert ds.class_counts() == {n: 6 for n in ("liver", "kidney-right", "kidney-left", "lung-right", "lung-left", "spleen", "pancreas")}
+    organs = ("liver", "kidney-right", "kidney-left", "lung-right", "lung-left", "spleen", "pancreas")
+    assert ds.class_counts() == {n: 6 for n in organs}
     assert all(ORGANMNIST3D_LABELS[i] == n for i, n in ds.names.items())
     assert SAMPLE.stat().st_size < 1_000_000
 

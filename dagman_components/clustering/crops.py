@@ -225,7 +225,8 @@ def cut_organ_crops(
                 cube = extract_crop(image, start, s, pad_value)
                 if s in resizers:
                     cube = np.asarray(resizers[s](torch.from_numpy(cube)[None]))[0]
-                crops.append(OrganCrop(st.name, cube.astype(np.float32), s, j, offset, start, st))  # type: ignore[arg-type]
+                crop = OrganCrop(st.name, cube.astype(np.float32), s, j, offset, start, st)  # type: ignore[arg-type]
+                crops.append(crop)
     logger.info("%s: %d crops of %d structures", where, len(crops), len(structures))
     return crops
 

@@ -21,7 +21,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class OrganCropSet:
     splits: np.ndarray
     case_ids: np.ndarray
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -250,7 +249,9 @@ def load_organ_npz(
 
     if label_names is not None:
         names = read_name_table(label_names)
-        where = f"the label name table '{label_names}'" if isinstance(label_names, (str, os.PathLike)) else "label_names"
+        where = "label_names"
+        if isinstance(label_names, (str, os.PathLike)):
+            where = f"the label name table '{label_names}'"
     elif file_names is not None:
         names, where = dict(enumerate(str(n) for n in file_names)), f"the label_names array of '{path}'"
     else:
@@ -312,10 +313,12 @@ def save_organ_npz(
         img = np.asarray(images.get(split, np.zeros((0, *shape), np.uint8)))
         lab = np.asarray(labels.get(split, np.zeros((0,), np.int64))).reshape(-1, 1)
         if img.dtype != np.uint8 or img.ndim != 4 or img.shape[1:] != shape:
-            raise ValueError(f"{split} images must be uint8 (N, {', '.join(map(str, shape))}), got {img.dtype} {img.shape}.")
+            want = ", ".join(map(str, shape))
+            raise ValueError(f"{split} images must be uint8 (N, {want}), got {img.dtype} {img.shape}.")
         if lab.shape[0] != img.shape[0]:
             raise ValueError(f"{split}: {img.shape[0]} images but {lab.shape[0]} labels.")
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = img, lab.astype(np.uint8 if lab.size == 0 or lab.max() < 256 else np.int64)
+        arrays[f"{split}_images"] = img
+        arrays[f"{split}_labels"] = lab.astype(np.uint8 if lab.size == 0 or lab.max() < 256 else np.int64)
         if case_ids is not None:
             ids = np.asarray([str(c) for c in case_ids.get(split, [])], dtype=str)
             if ids.shape[0] != img.shape[0]:

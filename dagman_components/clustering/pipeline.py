@@ -186,9 +186,10 @@ class OrganClustering:
         fs, us = m["feature_space"], m["umap_space"]
         enc = m["encoder"]
         title = f"{enc.get('init', 'no network')} encoder, {enc['token']} features, {m['data']['cases']} crops"
+        intra, inter = fs["intra_cluster"], fs["inter_cluster"]
         lines = [
-            f"features ({m['feature_norm']}): intra {fs['intra_cluster']['mean']:.3f}±{fs['intra_cluster']['std']:.3f}, "
-            f"inter {fs['inter_cluster']['mean']:.3f}±{fs['inter_cluster']['std']:.3f}",
+            f"features ({m['feature_norm']}): intra {intra['mean']:.3f}±{intra['std']:.3f}, "
+            f"inter {inter['mean']:.3f}±{inter['std']:.3f}",
             f"silhouette {fs['silhouette']:.3f}, kNN accuracy {fs['knn']['accuracy_mean']:.3f}, "
             f"k-means NMI {fs['kmeans']['nmi']:.3f} / ARI {fs['kmeans']['ari']:.3f}",
             f"UMAP: intra {us['intra_cluster']['mean']:.2f}±{us['intra_cluster']['std']:.2f}, "
