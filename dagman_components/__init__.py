@@ -6,6 +6,21 @@ Importing the package imports its sub-packages, so a bundle config needs only
 
 from __future__ import annotations
 
-from dagman_components import data, engines, handlers, losses, masking, metrics, networks, optim, schedules, visualize, weights
+from dagman_components import (
+    classification,
+    clustering,
+    data,
+    engines,
+    handlers,
+    losses,
+    masking,
+    metrics,
+    networks,
+    optim,
+    schedules,
+    segmentation,
+    visualize,
+    weights,
+)
 
 __version__ = "0.1.0"
