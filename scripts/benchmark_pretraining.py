@@ -95,7 +95,7 @@ def encoder_kwargs(args) -> dict:
 def build_dagman(args, device):
     student = DAGMaNPretrainNetwork(SwinDAGMaN(**encoder_kwargs(args)), out_dim=args.out_dim).to(device)
     teacher = make_teacher(student)
-    opt = torch.optim.AdamW(param_groups_weight_decay(student), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups_weight_decay(student), lr=1e-4, foreach=True)
     trainer = CoDistillationTrainer(
         device=device, max_epochs=1, train_data_loader=[None], network=student, teacher=teacher, optimizer=opt,
         loss_function=DAGMaNLoss(args.out_dim).to(device), masking=AttentionGuidedMasking(),
@@ -113,7 +113,7 @@ def build_dagman(args, device):
 
 def build_baseline(args, device):
     net = MaskedReconstructionNetwork(SwinDAGMaN(**encoder_kwargs(args), sa_stage=None)).to(device)
-    opt = torch.optim.AdamW(param_groups_weight_decay(net), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups_weight_decay(net), lr=1e-4, foreach=True)
     masking = AttentionGuidedMasking("random").set_random_state(0)
     enc = net.encoder
     amp = args.amp and device.type == "cuda"

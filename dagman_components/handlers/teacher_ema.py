@@ -36,13 +36,15 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> int:
         KeyError: when a teacher parameter has no student counterpart.
     """
     src = dict(unwrap(student).named_parameters())
-    count = 0
+    targets, sources = [], []
     for name, p in unwrap(teacher).named_parameters():
         if name not in src:
             raise KeyError(f"teacher parameter '{name}' has no student counterpart; build the teacher with make_teacher().")
-        p.mul_(momentum).add_(src[name].detach().to(p.dtype), alpha=1.0 - momentum)
-        count += 1
-    return count
+        targets.append(p)
+        sources.append(src[name].detach().to(p.dtype))
+    if targets:  # one fused lerp over all tensors: t + (1 - m) * (s - t) == m * t + (1 - m) * s
+        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+    return len(targets)
 
 
 class TeacherEMAHandler:
