@@ -6,13 +6,13 @@
 # does not exist"). torch 2.14.1 + torchvision 0.29.1 (both on local disk here) do load, and
 # monailabel 0.8.5 then installs beside MONAI 1.6.1. About 8 GB; the main venv stays untouched.
 #
-# Usage: .ci/monailabel_env.sh [VENV_DIR]   (default: $MONAILABEL_VENV or .ci-cache/mlvenv)
+# Usage: .ci/monailabel_env.sh [VENV_DIR]   (default: $MONAILABEL_VENV, else ~/.cache/dagman-monailabel-venv)
 # Idempotent: an existing environment in which monailabel, torchvision and dagman_components
 # import is reused as it is. Run from anywhere; the package installed is this repository.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${1:-${MONAILABEL_VENV:-${REPO_ROOT}/.ci-cache/mlvenv}}"
+VENV="${1:-${MONAILABEL_VENV:-${XDG_CACHE_HOME:-${HOME}/.cache}/dagman-monailabel-venv}}"
 PYTHON="${PYTHON:-python3}"
 
 check() {
