@@ -357,3 +357,75 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     x = torch.rand(1, 1, 64, 64, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(scripted(x), eager(x))
+
+
+# ------------------------------------------------------------------------------------------- handlers, comparison
+
+
+def test_best_model_saver_writes_only_improvements(tmp_path):
+    from ignite.engine import Engine
+
+    from dagman_components.segmentation import BestMetricModelSaver
+
+    net = torch.nn.Linear(2, 1)
+    saver = BestMetricModelSaver(tmp_path / "model.pt", {"model": net}, key_metric_name="dice")
+    engine = Engine(lambda e, b: None)
+    for value, expect_saved in ((0.3, True), (0.2, False), (float("nan"), False), (0.5, True)):
+        engine.state.metrics = {"dice": value}
+        with torch.no_grad():
+            net.weight.fill_(value)
+        saver(engine)
+        saved = torch.load(tmp_path / "model.pt", weights_only=True)
+        assert set(saved) == {"model"}
+        if expect_saved:  # the file holds the weights of the last improvement, not of worse epochs
+            assert saved["model"]["weight"][0, 0].item() == pytest.approx(value)
+        else:
+            assert saved["model"]["weight"][0, 0].item() == pytest.approx(0.3)
+    assert saved["model"]["weight"][0, 0].item() == pytest.approx(0.5) and saver.best == 0.5
+
+
+def test_handlers_for_rank_keeps_non_logging_handlers():
+    from monai.handlers import StatsHandler
+
+    from dagman_components.segmentation import handlers_for_rank
+
+    stats, other = StatsHandler(), object()
+    assert handlers_for_rank([other, stats], 0) == [other, stats]
+    assert handlers_for_rank([other, stats], 1) == [other]
+    assert handlers_for_rank(None, 1) == []
+
+
+def test_compare_script_pairs_cases_and_bootstraps_patients(tmp_path):
+    module = _script("dagman_lung_tumor_ct_segmentation_compare")
+    for run, values in (("a", [0.2, 0.4, 0.6, 0.8]), ("b", [0.3, 0.5, 0.6, 0.9])):
+        (tmp_path / run).mkdir()
+        rows = ["filename,class0,mean"] + [f"/x/LIDC-IDRI-000{i // 2}_R_{i}.nii.gz,{v},{v}" for i, v in enumerate(values)]
+        (tmp_path / run / "val_mean_dice_raw.csv").write_text("\n".join(rows) + "\n")
+    assert module.main(["--run", f"a={tmp_path / 'a'}", "--run", f"b={tmp_path / 'b'}", "--output", str(tmp_path / "c")]) == 0
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert (summary["cases"], summary["patients"]) == (4, 2)
+    assert summary["runs"]["a"]["mean"] == pytest.approx(0.5)
+    paired = summary["paired_vs_a"]["b"]
+    assert paired["mean_difference"] == pytest.approx(0.075)
+    low, high = paired["ci95_patient_bootstrap"]  # patient means of the differences: 0.1 and 0.05
+    assert 0.05 - 1e-9 <= low <= 0.075 <= high <= 0.1 + 1e-9
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_train_config_refuses_bad_pair_before_training(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    good = build_segmentation_datalist(SAMPLE)[:2]
+    bad = _pair(tmp_path, np.zeros((12, 12, 5), np.uint8))  # label of another shape
+    write_datalist(tmp_path / "data.json", {"training": [good[0], bad], "validation": [good[1]]})
+    workflow = ConfigWorkflow(config_file=[str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "demo.yaml")],
+                              workflow_type="train", bundle_root=str(bundle), dataset_dir=str(tmp_path / "data.json"),
+                              pretrained_encoder="", **{"train#dataset#cache_rate": 0})
+    with pytest.raises(RuntimeError) as err:  # the config expression's error, caused by the check's
+        workflow.initialize()
+    assert isinstance(err.value.__cause__, DataSourceError)
+    message = str(err.value.__cause__)
+    assert "1 of 3 image/label pair(s)" in message and "ct.nii.gz' / label '" in message and "seg.nii.gz" in message
+    assert not (bundle / "models").exists()
