@@ -13,7 +13,8 @@ times cheaper on a CPU. ``--lp_backend bundle`` runs the bundle for linear probi
 
 Every finished run is written to the JSON at once (atomically); rerunning the same command skips
 finished runs, so a run killed by ``--max_minutes`` or by hand continues where it stopped. The
-settings are stored in the JSON and a rerun with other settings is refused.
+settings (with a hash of the bundle's train / evaluate configs) are stored in the JSON and a rerun
+with other settings is refused; cached features are keyed by the same settings.
 
 Example (the evidence of the bundle README; 2 CPU cores)::
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -273,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inits = parse_inits(args.init)
     overrides = {"dataset_dir": os.path.abspath(args.dataset_dir), "num_workers": 0, **parse_overrides(args.set)}
     output = args.output or args.work_dir / "nodule_cv_results.json"
-    settings = {"bundle": str(args.bundle.resolve()), "overrides": overrides, "inits": inits,
+    configs = {f: hashlib.sha256((args.bundle / "configs" / f).read_bytes()).hexdigest()[:16]
+               for f in ("train.yaml", "evaluate.yaml")}
+    settings = {"bundle": str(args.bundle.resolve()), "config_sha256": configs, "overrides": overrides, "inits": inits,
                 "ft_epochs": args.ft_epochs, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr,
                 "lp_backend": args.lp_backend, "n_boot": args.n_boot}
     results = json.loads(output.read_text()) if output.is_file() else {"settings": settings, "runs": {}}
@@ -295,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         run_over = {**overrides, "fold": fold, "few_shot_fraction": fraction, "pretrained_path": inits[init]}
         if mode == "linear_probe" and args.lp_backend == "features":
-            feats = encoder_features(args.bundle, run_over, args.work_dir / f"features_{init}.pt")
+            key_of_features = json.dumps([settings["config_sha256"], overrides, inits[init]], sort_keys=True)
+            digest = hashlib.sha256(key_of_features.encode()).hexdigest()[:12]
+            feats = encoder_features(args.bundle, run_over, args.work_dir / f"features_{init}_{digest}.pt")
             run = linear_probe_run(run_over, args.bundle, feats, args.lp_epochs, args.lp_lr, args.n_boot)
         else:
             extra = {"max_epochs": args.ft_epochs} if mode == "finetune" else {"augment": False}
