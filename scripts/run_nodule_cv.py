@@ -191,15 +191,19 @@ def linear_probe_run(parser_overrides: Mapping[str, Any], bundle: Path, feats: M
     for epoch in range(1, epochs + 1):
         head.train()
         for idx in torch.randperm(len(y["train"]), generator=g).split(batch):
+            if len(idx) < 2:  # the head's BatchNorm needs two cases (the bundle's loader drops the last batch)
+                continue
             opt.zero_grad()
             loss_fn(head(x["train"][idx]), y["train"][idx]).backward()
             opt.step()
+        head.eval()
         with torch.no_grad():
             val = torch.softmax(head(x["val"]), 1)[:, 1].numpy()
         auc = nc.roc_auc(val, y["val"].numpy())
         if auc > best[0]:
             best = (auc, copy.deepcopy(head.state_dict()), epoch)
     head.load_state_dict(best[1])
+    head.eval()
     with torch.no_grad():
         val = torch.softmax(head(x["val"]), 1)[:, 1].numpy()
         test = torch.softmax(head(x["test"]), 1)[:, 1].numpy()

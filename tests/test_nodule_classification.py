@@ -285,15 +285,15 @@ def test_linear_probe_freezes_the_encoder_and_keeps_it_in_eval_mode():
     assert not net.encoder.training and net.head.training
     assert not any(p.requires_grad for p in net.encoder.parameters())
     groups = nc.classifier_param_groups(net, lr=1e-3)
-    assert sum(len(g["params"]) for g in groups) == 2  # head weight and bias only
+    assert sum(len(g["params"]) for g in groups) == 2  # head weight and bias only (its norm has no parameters)
     x = torch.rand(2, 1, 32, 32, 32)
     net(x).sum().backward()
-    assert all(p.grad is None for p in net.encoder.parameters()) and net.head.weight.grad is not None
+    assert all(p.grad is None for p in net.encoder.parameters()) and net.head.fc.weight.grad is not None
     net.set_mode("finetune")
     net.train()
     assert net.encoder.training and all(p.requires_grad for p in net.encoder.parameters() if p.ndim)
     glob = nc.NoduleClassifier(_encoder(), token="global")
-    assert glob.head.in_features == glob.encoder.out_dim and net.head.in_features == net.encoder.sa_dim
+    assert glob.head.fc.in_features == glob.encoder.out_dim and net.head.fc.in_features == net.encoder.sa_dim
     with pytest.raises(ValueError, match="linear_probe"):
         nc.NoduleClassifier(_encoder(), mode="linear_prob")
 
@@ -322,7 +322,7 @@ def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
     differed = [k for k, v in source.items() if not torch.equal(before[f"encoder.{k}"], v)]
     assert len(differed) > 60  # every randomly initialised tensor (norms and zero-initialised ones coincide)
     assert all(torch.equal(after[f"encoder.{k}"], v) for k, v in source.items())
-    assert torch.equal(before["head.weight"], after["head.weight"])
+    assert torch.equal(before["head.fc.weight"], after["head.fc.weight"])
     with pytest.raises(WeightLoadError, match="do not exist"):
         nc.load_encoder_weights(net, tmp_path / "missing.pt")
     torch.save(SwinDAGMaN(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), sa_heads=4).state_dict(), path)
@@ -436,12 +436,12 @@ def test_linear_probe_run_keeps_the_pretrained_encoder(tmp_path):
                    "device": "$torch.device('cpu')", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}})
     (tmp_path / "models").mkdir()
     parser.get_parsed_content("initialize")
-    head_before = parser.get_parsed_content("network").head.weight.detach().clone()
+    head_before = parser.get_parsed_content("network").head.fc.weight.detach().clone()
     parser.get_parsed_content("run")
     parser.get_parsed_content("finalize")
     trained = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(trained[f"encoder.{k}"], v) for k, v in pretrained.state_dict().items())
-    assert not torch.equal(trained["head.weight"], head_before)
+    assert not torch.equal(trained["head.fc.weight"], head_before)
 
 
 @pytest.mark.slow

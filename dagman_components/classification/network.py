@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,12 @@ class HeadToken(StrEnum):
 class NoduleClassifier(nn.Module):
     """Swin-DAGMaN encoder + linear head giving class logits.
 
+    The head is ``head.norm``, a BatchNorm without learnable parameters (``affine=False``), then
+    ``head.fc``, one ``nn.Linear``: the standardisation MAE uses for linear probing. The encoder's
+    [CLS] features differ little between nodules compared with their common part (most of a 32 mm
+    box is below the HU window), and without it the linear layer needs many more steps to separate
+    them. In eval mode the norm is a fixed affine map, so the classifier stays linear in the features.
+
     In ``linear_probe`` mode the encoder's parameters have ``requires_grad=False``, its forward runs
     without autograd, and ``train()`` leaves it in eval mode (no stochastic depth or dropout), so the
     features are exactly those of the frozen encoder.
@@ -74,9 +81,12 @@ class NoduleClassifier(nn.Module):
             raise ValueError(f"num_classes must be at least 2 (softmax logits), got {num_classes}.")
         self.encoder = encoder
         self.token = look_up_option(token, HeadToken)
-        self.head = nn.Linear(encoder.sa_dim if self.token == HeadToken.CLS else encoder.out_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        width = encoder.sa_dim if self.token == HeadToken.CLS else encoder.out_dim
+        self.head = nn.Sequential(
+            OrderedDict(norm=nn.BatchNorm1d(width, affine=False), fc=nn.Linear(width, num_classes))
+        )
+        nn.init.trunc_normal_(self.head.fc.weight, std=0.01)
+        nn.init.zeros_(self.head.fc.bias)
         self.mode = ClassifierMode.FINETUNE
         self.set_mode(mode)
 
