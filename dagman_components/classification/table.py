@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dagman_components.data import build_datalist
+from dagman_components.data.datalist import format_listing
 
 __all__ = ["NoduleTableError", "LabelRule", "read_nodule_table", "inference_datalist", "LIDC_ID_TEMPLATE"]
 
@@ -35,18 +36,12 @@ logger = logging.getLogger(__name__)
 
 #: Case id of a row of the LIDC table of this project; also the crop's file name without extension.
 LIDC_ID_TEMPLATE = "{patient_id}_R_{nodule_id}"
-_MAX_LISTED = 20
 
 
 class NoduleTableError(ValueError):
     """A nodule table, its rows or the files they name cannot be used; the message says which."""
 
 
-def _listing(lines: Sequence[str]) -> str:
-    shown = [f"  - {line}" for line in lines[:_MAX_LISTED]]
-    if len(lines) > _MAX_LISTED:
-        shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
-    return "\n".join(shown)
 
 
 def _as_text(value: Any) -> str:
@@ -278,7 +273,7 @@ def read_nodule_table(
                 continue
         items.append(item)
     if bad_cells:
-        raise NoduleTableError(f"{csv_path}: {len(bad_cells)} row(s) cannot be used:\n{_listing(bad_cells)}")
+        raise NoduleTableError(f"{csv_path}: {len(bad_cells)} row(s) cannot be used:\n{format_listing(bad_cells)}")
     if not items:
         raise NoduleTableError(f"{csv_path}: no row is left after the label rule {rule} on '{label_column}'.")
     _check_duplicates(items, csv_path, by_center=bool(center_columns))
@@ -287,7 +282,7 @@ def read_nodule_table(
         if missing:
             raise NoduleTableError(
                 f"{csv_path}: {len(missing)} of {len(items)} row(s) name an image that does not exist "
-                f"(image_dir '{base}', image_template '{image_template}'):\n{_listing(missing)}"
+                f"(image_dir '{base}', image_template '{image_template}'):\n{format_listing(missing)}"
             )
     if excluded:
         logger.info("%s: %d row(s) excluded by the label rule %s on '%s'.", csv_path, excluded, rule, label_column)
@@ -310,7 +305,7 @@ def _check_duplicates(items: Sequence[Mapping[str, Any]], csv_path: str, by_cent
     if dup_ids or dup_images:
         raise NoduleTableError(
             f"{csv_path}: nodules listed twice (each must appear once, or the split and metrics count it twice):\n"
-            f"{_listing(dup_ids + dup_images)}"
+            f"{format_listing(dup_ids + dup_images)}"
         )
 
 

@@ -46,7 +46,7 @@ class DataSourceError(ValueError):
     """A dataset folder, datalist or volume cannot be used; the message says which and why."""
 
 
-def _format_list(lines: Sequence[str], limit: int = _MAX_LISTED) -> str:
+def format_listing(lines: Sequence[str], limit: int = _MAX_LISTED) -> str:
     """Join ``lines`` as an indented list of at most ``limit`` entries plus "... and N more"."""
     shown = [f"  - {line}" for line in lines[:limit]]
     if len(lines) > limit:
@@ -173,7 +173,7 @@ def _check_listed_paths(items: list[dict], image_key: str, source: str) -> None:
     if problems:
         raise DataSourceError(
             f"datalist '{source}' lists {len(problems)} missing image(s); fix the paths, or set base_dir to the "
-            f"folder the relative paths start from:\n{_format_list(problems)}"
+            f"folder the relative paths start from:\n{format_listing(problems)}"
         )
 
 
@@ -350,6 +350,6 @@ def validate_volumes(
     if problems:
         raise DataSourceError(
             f"{len(problems)} image(s) cannot be used for training; remove them from the dataset or fix them:\n"
-            f"{_format_list(problems)}"
+            f"{format_listing(problems)}"
         )
     logger.info("Validated %d item(s).", len(datalist))

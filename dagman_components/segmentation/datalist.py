@@ -24,6 +24,7 @@ import numpy as np
 
 from dagman_components.data import VOLUME_EXTENSIONS, DataSourceError, build_datalist
 from dagman_components.weights import atomic_write_text
+from dagman_components.data.datalist import format_listing
 
 __all__ = [
     "FOLDER_PAIRS",
@@ -47,14 +48,8 @@ FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
     ("images", "masks"),
 )
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net modality suffix of image names
-_MAX_LISTED = 20
 
 
-def _listing(lines: Sequence[str]) -> str:
-    shown = [f"  - {line}" for line in lines[:_MAX_LISTED]]
-    if len(lines) > _MAX_LISTED:
-        shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
-    return "\n".join(shown)
 
 
 def volume_stem(name: str) -> str:
@@ -137,7 +132,7 @@ def pair_folders(
     if unmatched:
         raise DataSourceError(
             f"{len(unmatched)} file(s) of '{image_dir}' and '{label_dir}' cannot be paired by name; rename or remove "
-            f"them:\n{_listing(unmatched)}"
+            f"them:\n{format_listing(unmatched)}"
         )
     logger.info("Paired %d image/label volume(s) from '%s' and '%s'.", len(items), image_dir, label_dir)
     return items
@@ -191,7 +186,7 @@ def build_segmentation_datalist(
         if problems:
             raise DataSourceError(
                 f"datalist '{source}' under '{json_key}' has {len(problems)} item(s) without a usable label; fix the "
-                f"paths (relative paths start from the JSON's folder):\n{_listing(problems)}"
+                f"paths (relative paths start from the JSON's folder):\n{format_listing(problems)}"
             )
     return items
 
