@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from dagman_components.data import DataSourceError, validate_volumes
+from dagman_components.data.datalist import format_listing
 
 __all__ = ["read_geometry", "validate_image_label_pairs"]
 
 logger = logging.getLogger(__name__)
 
 _NIFTI = (".nii", ".nii.gz")
-_MAX_LISTED = 20
 
 
 def _is_nifti(path: str) -> bool:
@@ -148,11 +148,8 @@ def validate_image_label_pairs(
                 problems.append(f"{pair}: the label holds values {bad[:8]} outside {allowed}; is it a label map "
                                 f"(not an image or a probability map)?")
     if problems:
-        shown = [f"  - {p}" for p in problems[:_MAX_LISTED]]
-        if len(problems) > _MAX_LISTED:
-            shown.append(f"  ... and {len(problems) - _MAX_LISTED} more")
         raise DataSourceError(
             f"{len(problems)} of {len(datalist)} image/label pair(s) cannot be used; fix or remove them:\n"
-            + "\n".join(shown)
+            + format_listing(problems)
         )
     logger.info("Validated %d image/label pair(s).", len(datalist))
