@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-__all__ = ["cosine_schedule", "teacher_temperature_schedule", "WarmupCosineFactor"]
+__all__ = ["cosine_schedule", "teacher_temperature_schedule", "linear_warmup_value", "WarmupCosineFactor"]
 
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
@@ -48,6 +48,24 @@ def teacher_temperature_schedule(
     warmup_epochs = max(0, min(warmup_epochs, total_epochs))
     warm = np.linspace(warmup_temp, final_temp, warmup_epochs) if warmup_epochs else np.zeros(0)
     return np.concatenate([warm, np.full(total_epochs - warmup_epochs, final_temp)]).astype(float)
+
+
+def linear_warmup_value(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """Value of 0-based ``step`` in a linear ramp from ``start`` to ``end`` over ``warmup_steps`` steps
+    (both endpoints included, as :func:`teacher_temperature_schedule`), then ``end``.
+
+    Used per optimizer step, so that a schedule does not depend on how many iterations an epoch has.
+
+    Raises:
+        ValueError: when ``warmup_steps < 0``.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+    if warmup_steps == 0 or step >= warmup_steps:
+        return float(end)
+    if warmup_steps == 1:
+        return float(start)
+    return float(start + (end - start) * max(step, 0) / (warmup_steps - 1))
 
 
 class WarmupCosineFactor:

@@ -99,9 +99,9 @@ def build_dagman(args, device):
     trainer = CoDistillationTrainer(
         device=device, max_epochs=1, train_data_loader=[None], network=student, teacher=teacher, optimizer=opt,
         loss_function=DAGMaNLoss(args.out_dim).to(device), masking=AttentionGuidedMasking(),
-        patch_dropout=PatchDropout(0.7), freeze_last_layer_epochs=0, amp=args.amp, seed=0,
+        patch_dropout=PatchDropout(0.7), freeze_last_layer_iterations=0, amp=args.amp, diagnostics=False, seed=0,
     )
-    trainer.scaler = torch.amp.GradScaler(device.type, enabled=trainer.amp)
+    trainer.scaler = torch.amp.GradScaler(device.type, enabled=trainer.amp and trainer.amp_dtype == torch.float16)
     trainer.state.epoch, trainer.state.iteration = 1, 1
 
     def step(batch):

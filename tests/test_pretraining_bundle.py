@@ -90,12 +90,21 @@ def test_run_writes_checkpoint_weights_logs_and_plot(trained):
 
     assert Image.open(png).size[0] > 300
     rows = (trained / "runs" / "loss_curves.csv").read_text().splitlines()
-    assert rows[0] == "iteration,loss,loss_amip,loss_ampd,loss_aitd,loss_gitd" and len(rows) == 5
+    header = rows[0].split(",")
+    assert header[:6] == ["iteration", "loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd"] and len(rows) == 5
+    from dagman_components.handlers.monitoring import DIAGNOSTIC_KEYS
+
+    assert header[6:] == list(DIAGNOSTIC_KEYS)
+    last = dict(zip(header, map(float, rows[-1].split(","))))
+    assert 0.0 <= last["aitd/teacher_entropy"] <= np.log(64) + 1e-4  # K = 64 in TINY
+    assert last["satt/log_n"] == pytest.approx(np.log(8))  # ROI 32, SA after stage 3 (stride 16): 2^3 cells
+    assert last["aitd/kl"] == pytest.approx(last["loss_aitd"] - last["aitd/teacher_entropy"], abs=1e-3)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(trained / "runs")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd", "lr", "teacher_temp", "teacher_momentum"} <= tags
+    assert {"loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd", "lr", "teacher_temp", "teacher_momentum",
+            "aitd/teacher_entropy", "gitd/spread", "ampd/kl", "satt/entropy", "collapse_alarm"} <= tags
     assert len(events.Scalars("loss_ampd")) == 4
 
 

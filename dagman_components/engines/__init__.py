@@ -1,3 +1,9 @@
 """Engines: the co-distillation trainer."""
 
-from dagman_components.engines.co_distillation_trainer import CoDistillationTrainer, NonFiniteLossError
+from dagman_components.engines.co_distillation_trainer import (
+    CoDistillationTrainer,
+    MicroBatches,
+    NonFiniteLossError,
+    autocast_settings,
+    optimizer_steps_per_epoch,
+)

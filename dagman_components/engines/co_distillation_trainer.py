@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -10,13 +13,16 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.schedules import teacher_temperature_schedule
+from dagman_components.schedules import linear_warmup_value
 
-__all__ = ["CoDistillationTrainer", "NonFiniteLossError"]
+__all__ = ["CoDistillationTrainer", "NonFiniteLossError", "MicroBatches", "optimizer_steps_per_epoch", "autocast_settings", "cpu_has_native_bf16"]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,10 +45,101 @@ def _split_views(out: dict, n: int = 2) -> list[dict]:
     return views
 
 
+def optimizer_steps_per_epoch(loader: Iterable, accumulate_steps: int = 1) -> int:
+    """Optimizer steps in one epoch of ``loader``: its batches // ``accumulate_steps``.
+
+    Raises:
+        ValueError: when ``accumulate_steps < 1`` or the epoch would have no step (names the config
+            keys to change).
+    """
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}.")
+    n = len(loader)  # type: ignore[arg-type]
+    if n < accumulate_steps:
+        raise ValueError(
+            f"the training data loader has {n} batch(es) per epoch, fewer than accumulate_steps={accumulate_steps}, "
+            "so an epoch would have no optimizer step: lower accumulate_steps or batch_size, or add volumes."
+        )
+    return n // accumulate_steps
+
+
+class MicroBatches:
+    """Group a data loader's batches into lists of ``accumulate_steps`` micro-batches: one list per
+    optimizer step. Batches left over at the end of an epoch (fewer than ``accumulate_steps``) are
+    dropped, so every step sees the same number of samples.
+
+    Args:
+        loader: the data loader (its sampler, e.g. a ``DistributedSampler``, is used as it is).
+        accumulate_steps: micro-batches per optimizer step (>= 1).
+
+    Raises:
+        ValueError: when ``accumulate_steps < 1`` or the loader has fewer batches than that.
+    """
+
+    def __init__(self, loader: Iterable, accumulate_steps: int) -> None:
+        optimizer_steps_per_epoch(loader, accumulate_steps)
+        self.loader = loader
+        self.accumulate_steps = int(accumulate_steps)
+
+    def __len__(self) -> int:
+        return optimizer_steps_per_epoch(self.loader, self.accumulate_steps)
+
+    def __iter__(self) -> Iterator[list]:
+        group: list = []
+        for batch in self.loader:
+            group.append(batch)
+            if len(group) == self.accumulate_steps:
+                yield group
+                group = []
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX), where bf16
+    autocast is faster than fp32; without them it would be slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto") -> tuple[bool, torch.dtype]:
+    """Resolve the mixed-precision setting of a device.
+
+    Args:
+        device: the training device.
+        amp: whether mixed precision is wanted.
+        amp_dtype: ``"auto"`` (float16 on CUDA, bfloat16 on a CPU with native bf16, off on other
+            CPUs), ``"bfloat16"`` or ``"float16"`` (CUDA only).
+
+    Returns:
+        ``(enabled, dtype)`` for ``torch.autocast``.
+
+    Raises:
+        ValueError: for an unknown ``amp_dtype`` or float16 on CPU.
+    """
+    names = {"auto": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16}
+    if amp_dtype not in names:
+        raise ValueError(f"amp_dtype must be one of {sorted(names)}, got {amp_dtype!r}.")
+    dtype = names[amp_dtype]
+    if device.type == "cuda":
+        return amp, dtype or torch.float16
+    if dtype is torch.float16:
+        raise ValueError("amp_dtype float16 is for CUDA; on CPU use bfloat16 (or auto).")
+    if dtype is None and amp and not cpu_has_native_bf16():
+        logger.info("mixed precision off: this CPU has no native bf16 (AVX512-BF16 / AMX), fp32 is faster")
+        return False, torch.bfloat16
+    return amp, torch.bfloat16
+
+
 class CoDistillationTrainer(Trainer):
     """DAGMaN pretraining as a MONAI ``Trainer``.
 
-    One iteration, for a batch of two views (u, v) of each volume:
+    One iteration is one optimizer step. It takes ``accumulate_steps`` micro-batches (one by
+    default), each holding two views (u, v) of each volume, and for each:
 
     1. the EMA teacher (no gradients) encodes the noisy views u_hat, v_hat (patch dropout on its
        tokens) and yields S_ATT on the semantic-attention grid (or, with
@@ -52,12 +149,21 @@ class CoDistillationTrainer(Trainer):
     3. the student encodes the masked views u_tilde, v_tilde in one pass;
     4. :class:`~dagman_components.losses.DAGMaNLoss` gives the total and its four terms; a
        non-finite value raises :class:`NonFiniteLossError` before any update;
-    5. backward (AMP scaler on GPU), optional gradient clipping, the prototype layers' gradients
-       dropped during the first ``freeze_last_layer_epochs`` epochs, optimizer step, centre update.
+    5. backward of ``total / accumulate_steps`` (gradients add up; under DDP only the last
+       micro-batch synchronises).
+
+    Then, once per step: optional gradient clipping, the prototype layers' gradients dropped during
+    the first ``freeze_last_layer_iterations`` steps, the optimizer step, and the centre update from
+    the teacher outputs of all micro-batches. So k micro-batches of size b give the update of one
+    batch of k*b, and every schedule (lr, teacher momentum and temperature, last-layer freezing,
+    checkpoint interval) counts optimizer steps, because each is indexed by
+    ``engine.state.iteration``.
 
     The teacher's EMA update is a handler (:class:`~dagman_components.handlers.TeacherEMAHandler`).
-    ``engine.state.output`` holds ``loss`` (the total) and ``scalars`` (every term, lr, teacher
-    temperature and momentum) for the stats and TensorBoard handlers. ``engine.state.teacher_temp``
+    ``engine.state.output`` holds ``loss`` (the total) and ``scalars``: every term, lr, teacher
+    temperature and momentum, masked fraction and the collapse diagnostics of
+    :meth:`~dagman_components.losses.DAGMaNLoss.diagnostics` (``aitd/teacher_entropy``, ...,
+    ``satt/entropy``), for the stats, TensorBoard and curve handlers. ``engine.state.teacher_temp``
     and ``engine.state.masked_fraction`` are set every iteration.
 
     Args:
@@ -72,19 +178,23 @@ class CoDistillationTrainer(Trainer):
         patch_dropout: the teacher's patch dropout (rate 0 disables the noisy teacher).
         view_keys: batch keys of the two views.
         teacher_temp: final teacher temperature.
-        warmup_teacher_temp: first-epoch teacher temperature.
-        warmup_teacher_temp_epochs: epochs of the linear temperature warm-up.
+        warmup_teacher_temp: teacher temperature at the first step.
+        warmup_teacher_temp_iterations: optimizer steps of the linear temperature warm-up.
         clip_grad: max gradient norm, ``None`` or 0 for no clipping.
-        freeze_last_layer_epochs: epochs during which the prototype layers do not learn.
+        freeze_last_layer_iterations: optimizer steps during which the prototype layers do not learn.
         clean_teacher_attention: take S_ATT from an extra clean teacher pass instead of the noisy one.
-        epoch_length: iterations per epoch (default: the loader's length).
+        accumulate_steps: micro-batches per optimizer step.
+        epoch_length: optimizer steps per epoch (default: the loader's length // accumulate_steps).
         non_blocking: non-blocking host-to-device copies.
         train_handlers: handlers to attach.
-        amp: mixed precision (used on CUDA; ignored on CPU).
+        amp: mixed precision: float16 with a gradient scaler on CUDA, bfloat16 on a CPU with native
+            bf16 (see :func:`autocast_settings`). Softmax, centring and losses stay float32.
+        amp_dtype: ``auto``, ``bfloat16`` or ``float16``.
+        diagnostics: compute the collapse diagnostics every step (cheap; off only for benchmarks).
         seed: seeds ``masking`` and ``patch_dropout`` (``None``: leave them as they are).
 
     Raises:
-        ValueError: when ``view_keys`` does not name two keys.
+        ValueError: when ``view_keys`` does not name two keys, or for a bad ``accumulate_steps``.
     """
 
     def __init__(
@@ -101,29 +211,36 @@ class CoDistillationTrainer(Trainer):
         view_keys: Sequence[str] = ("image", "image_2"),
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 30,
+        warmup_teacher_temp_iterations: int = 0,
         clip_grad: float | None = None,
-        freeze_last_layer_epochs: int = 1,
+        freeze_last_layer_iterations: int = 0,
         clean_teacher_attention: bool = False,
+        accumulate_steps: int = 1,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        amp_dtype: str = "auto",
+        diagnostics: bool = True,
         seed: int | None = None,
     ) -> None:
         if len(view_keys) != 2:
             raise ValueError(f"view_keys must name the two views, got {view_keys}.")
         device = torch.device(device)
+        use_amp, self.amp_dtype = autocast_settings(device, amp, amp_dtype)
+        grouped = MicroBatches(train_data_loader, accumulate_steps) if accumulate_steps != 1 else train_data_loader
         super().__init__(
             device=device,
             max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
+            data_loader=train_data_loader,  # the loader itself, so that MONAI sets a DistributedSampler's epoch
+            epoch_length=epoch_length if epoch_length is not None or accumulate_steps == 1 else len(grouped),
             non_blocking=non_blocking,
             handlers=train_handlers,
-            amp=amp and device.type == "cuda",
+            amp=use_amp,
             decollate=False,
         )
+        self.data_loader = grouped
+        self.accumulate_steps = int(accumulate_steps)
         self.network = network
         self.teacher = teacher
         self.optimizer = optimizer
@@ -131,63 +248,62 @@ class CoDistillationTrainer(Trainer):
         self.masking = masking
         self.patch_dropout = patch_dropout
         self.view_keys = tuple(view_keys)
-        self.teacher_temps = teacher_temperature_schedule(
-            teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, max(max_epochs, 1)
-        )
+        self.final_teacher_temp = float(teacher_temp)
+        self.warmup_teacher_temp = float(warmup_teacher_temp)
+        self.warmup_teacher_temp_iterations = int(warmup_teacher_temp_iterations)
         self.clip_grad = clip_grad or None
-        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.freeze_last_layer_iterations = int(freeze_last_layer_iterations)
         self.clean_teacher_attention = clean_teacher_attention
-        self.state.teacher_temp = float(self.teacher_temps[0])
+        self.compute_diagnostics = diagnostics
+        self.state.teacher_temp = self.teacher_temperature(1)
         self.state.teacher_momentum = float("nan")
         if seed is not None:
             masking.set_random_state(seed)
             patch_dropout.set_random_state(seed + 1)
 
     def run(self) -> None:  # type: ignore[override]
-        """Train; one AMP code path, the scaler being a no-op when AMP is off."""
-        self.scaler = torch.amp.GradScaler(self.state.device.type, enabled=self.amp)
+        """Train; one AMP code path, the scaler being a no-op unless float16 autocast is on."""
+        use_scaler = self.amp and self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.state.device.type, enabled=use_scaler)
         super(Trainer, self).run()  # Workflow.run: Trainer.run would build a CUDA-only scaler
 
-    def teacher_temperature(self, epoch: int) -> float:
-        """Teacher temperature of a 1-based epoch (constant after the schedule)."""
-        return float(self.teacher_temps[min(max(epoch - 1, 0), len(self.teacher_temps) - 1)])
+    def teacher_temperature(self, iteration: int) -> float:
+        """Teacher temperature of a 1-based optimizer step (constant after the warm-up)."""
+        return linear_warmup_value(iteration - 1, self.warmup_teacher_temp, self.final_teacher_temp,
+                                   self.warmup_teacher_temp_iterations)
 
     def _last_layer_parameters(self) -> list[nn.Parameter]:
         return [p for head in unwrap(self.network).projection_heads() for p in head.last_layer_parameters()]
 
-    def _iteration(self, engine: CoDistillationTrainer, batchdata: dict) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        dev = engine.state.device
-        u, v = (batchdata[k].to(dev, non_blocking=engine.non_blocking) for k in engine.view_keys)
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.state.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def _forward_micro_batch(self, batchdata: dict, tau_t: float) -> dict:
+        """Teacher pass, masks, student pass and losses of one micro-batch (no backward)."""
+        dev = self.state.device
+        u, v = (batchdata[k].to(dev, non_blocking=self.non_blocking) for k in self.view_keys)
         u, v = (x.as_tensor() if hasattr(x, "as_tensor") else x for x in (u, v))
-        encoder = unwrap(engine.network).encoder
+        encoder = unwrap(self.network).encoder
         b = u.shape[0]
         patch_grid = [s // int(encoder.patch_size[0]) for s in u.shape[2:]]
         sa_grid = [s // encoder.sa_stride for s in u.shape[2:]]
         both = torch.cat([u, v])
-        tau_t = engine.teacher_temperature(engine.state.epoch)
-        engine.state.teacher_temp = tau_t
-        autocast = torch.autocast(dev.type, enabled=engine.amp)
-
-        engine.network.train()
-        engine.teacher.eval()
-        with torch.no_grad(), autocast, torch.profiler.record_function("dagman/teacher_pass"):
-            teacher_out = _split_views(engine.teacher(both, token_drop=engine.patch_dropout(2 * b, patch_grid, dev)))
-            if engine.clean_teacher_attention and engine.masking.needs_attention:
-                clean = _split_views(engine.teacher(both))
+        with torch.no_grad(), self._autocast(), torch.profiler.record_function("dagman/teacher_pass"):
+            teacher_out = _split_views(self.teacher(both, token_drop=self.patch_dropout(2 * b, patch_grid, dev)))
+            if self.clean_teacher_attention and self.masking.needs_attention:
+                clean = _split_views(self.teacher(both))
                 attention = [clean[0]["s_att"], clean[1]["s_att"]]
             else:
                 attention = [teacher_out[0]["s_att"], teacher_out[1]["s_att"]]
-        cell_masks = [engine.masking(att, sa_grid, b) for att in attention]
+        cell_masks = [self.masking(att, sa_grid, b) for att in attention]
         patch_mask = upsample_mask(torch.cat(cell_masks), sa_grid, encoder.patches_per_sa_cell)
         voxel_masks = [upsample_mask(m, sa_grid, encoder.sa_stride) for m in cell_masks]
 
-        with autocast:
-            student_out = _split_views(engine.network(both, mask=patch_mask))
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        with self._autocast():
+            student_out = _split_views(self.network(both, mask=patch_mask))
+            self.fire_event(IterationEvents.FORWARD_COMPLETED)
             with torch.profiler.record_function("dagman/losses"):
-                total, parts = engine.loss_function(
+                total, parts = self.loss_function(
                     student=(student_out[0], student_out[1]),
                     teacher=(teacher_out[0], teacher_out[1]),
                     cell_masks=(cell_masks[0], cell_masks[1]),
@@ -195,38 +311,70 @@ class CoDistillationTrainer(Trainer):
                     images=(u, v),
                     teacher_temp=tau_t,
                 )
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        self.fire_event(IterationEvents.LOSS_COMPLETED)
         bad = [k for k, val in parts.items() if not torch.isfinite(val)]
         if bad or not torch.isfinite(total):
             values = ", ".join(f"{k}={float(val):.4g}" for k, val in parts.items())
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration} "
+                f"non-finite loss at epoch {self.state.epoch}, iteration {self.state.iteration} "
                 f"(terms {bad or ['total']}; {values}). The step was not taken and no checkpoint was written; "
                 "lower the learning rate, enable clip_grad, or check the input intensities."
             )
+        diagnostics = {}
+        if self.compute_diagnostics:
+            diagnostics = self.loss_function.diagnostics(
+                (student_out[0], student_out[1]), (teacher_out[0], teacher_out[1]), (cell_masks[0], cell_masks[1]), tau_t
+            )
+        teacher_logits = {k: torch.cat([teacher_out[0][k], teacher_out[1][k]]).detach()
+                          for k in ("cls_logits", "patch_logits", "global_logits")}
+        return {"total": total, "parts": parts, "diagnostics": diagnostics, "teacher_logits": teacher_logits,
+                "masked": torch.cat(cell_masks).float().mean()}
 
+    def _iteration(self, engine: CoDistillationTrainer, batchdata: dict | list) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        micro_batches = batchdata if engine.accumulate_steps > 1 else [batchdata]
+        k = len(micro_batches)
+        tau_t = engine.teacher_temperature(engine.state.iteration)
+        engine.state.teacher_temp = tau_t
+        engine.network.train()
+        engine.teacher.eval()
         engine.optimizer.zero_grad(set_to_none=True)
-        engine.scaler.scale(total).backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        results = []
+        for i, micro_batch in enumerate(micro_batches):
+            last = i == k - 1
+            no_sync = getattr(engine.network, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                res = engine._forward_micro_batch(micro_batch, tau_t)
+                engine.scaler.scale(res["total"] / k).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            res["total"] = res["total"].detach()
+            results.append(res)
         if engine.clip_grad:
             engine.scaler.unscale_(engine.optimizer)
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), engine.clip_grad)
-        if engine.state.epoch <= engine.freeze_last_layer_epochs:
+        if engine.state.iteration <= engine.freeze_last_layer_iterations:
             for p in engine._last_layer_parameters():
                 p.grad = None
         engine.scaler.step(engine.optimizer)
         engine.scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        engine.loss_function.update_centers((teacher_out[0], teacher_out[1]))
+        engine.loss_function.update_centers_from_logits(
+            {key: torch.cat([r["teacher_logits"][key] for r in results]) for key in results[0]["teacher_logits"]}
+        )
 
-        masked = torch.cat(cell_masks).float().mean()
-        engine.state.masked_fraction = float(masked)
-        scalars = {f"loss_{k}": float(val) for k, val in parts.items()}
+        total = torch.stack([r["total"] for r in results]).mean()
+        masked = float(torch.stack([r["masked"] for r in results]).mean())
+        engine.state.masked_fraction = masked
+        scalars = {f"loss_{name}": float(torch.stack([r["parts"][name] for r in results]).mean())
+                   for name in results[0]["parts"]}
+        for name in results[0]["diagnostics"]:
+            scalars[name] = sum(r["diagnostics"][name] for r in results) / k
         scalars.update(
-            loss=float(total.detach()),
+            loss=float(total),
             lr=float(engine.optimizer.param_groups[0]["lr"]),
             teacher_temp=tau_t,
             teacher_momentum=float(getattr(engine.state, "teacher_momentum", float("nan"))),
-            masked_fraction=float(masked),
+            masked_fraction=masked,
         )
-        return {Keys.LOSS: total.detach(), "scalars": scalars}
+        return {Keys.LOSS: total, "scalars": scalars}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
+from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
 from dagman_components.weights import atomic_write_text, _atomic_replace
 
-__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "plot_loss_history"]
+__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "plot_loss_history", "LOSS_KEYS", "DIAGNOSTIC_KEYS"]
 
 
 class DataWaitTimer:
@@ -67,18 +69,87 @@ class DataWaitTimer:
             100 * share, self._wait)
 
 
+#: The loss series the curves record by default.
+LOSS_KEYS = ("loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd")
+#: The collapse diagnostics the curves record by default (see dagman_components.losses.diagnostics).
+DIAGNOSTIC_KEYS = tuple(f"{t}/{n}" for t in ("aitd", "ampd", "gitd") for n in DIAGNOSTIC_NAMES) + (
+    "satt/entropy", "satt/max", "satt/log_n", "collapse_alarm")
+_TERM_COLOURS = {"aitd": "tab:red", "ampd": "tab:green", "gitd": "tab:purple"}
+
+
+def _series(history: dict[str, list[float]], key: str) -> list[float] | None:
+    values = history.get(key)
+    return values if values and any(math.isfinite(v) for v in values) else None
+
+
+def _plot_diagnostics(axes: Sequence, history: dict[str, list[float]], iterations: Sequence[int],
+                      num_prototypes: int | None) -> None:
+    """The second panel: target entropies, KL, feature spread / centre norm and S_ATT."""
+    ax_h, ax_kl, ax_spread, ax_att = axes
+    log_k = math.log(num_prototypes) if num_prototypes else None
+    for term, colour in _TERM_COLOURS.items():
+        for key, ax, style, label in ((f"{term}/teacher_entropy", ax_h, "-", f"{term} teacher"),
+                                      (f"{term}/student_entropy", ax_h, "--", f"{term} student"),
+                                      (f"{term}/kl", ax_kl, "-", term), (f"{term}/spread", ax_spread, "-", term),
+                                      (f"{term}/center_norm", ax_spread, ":", f"{term} |centre|")):
+            values = _series(history, key)
+            if values is not None:
+                ax.plot(iterations, values, style, color=colour, lw=1.1, label=label)
+    if log_k is not None:
+        ax_h.axhline(log_k, color="k", lw=0.8, label="ln K")
+        ax_h.axhline(0.97 * log_k, color="k", lw=0.8, ls=":", label="alarm 0.97 ln K")
+    ax_h.set_title("teacher / student entropy (nats)", fontsize=9)
+    ax_kl.set_title("KL(teacher || student) = CE - H(teacher)", fontsize=9)
+    ax_spread.set_title("feature spread (1 = isotropic, 0 = collapsed); |centre| dotted", fontsize=9)
+    for key, style, label in (("satt/entropy", "-", "S_ATT entropy"), ("satt/log_n", "--", "log N (uniform)")):
+        values = _series(history, key)
+        if values is not None:
+            ax_att.plot(iterations, values, style, color="tab:blue", lw=1.1, label=label)
+    values = _series(history, "satt/max")
+    if values is not None:
+        twin = ax_att.twinx()
+        twin.plot(iterations, values, color="tab:orange", lw=1.0, label="S_ATT max (right)")
+        twin.legend(fontsize=7, loc="lower right")
+    ax_att.set_title("[CLS] attention S_ATT", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("iteration", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, ncol=2)
+
+
 def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int], path: str | os.PathLike,
-                      title: str = "DAGMaN pretraining") -> None:
-    """Plot every logged series against the iteration (total and terms on a log axis) to a PNG, atomically."""
+                      title: str = "DAGMaN pretraining", num_prototypes: int | None = None) -> None:
+    """Plot the loss terms against the iteration (log axis when positive) and, when the history holds
+    collapse diagnostics, a second panel of them, to a PNG, atomically.
+
+    Args:
+        history: series name -> one value per iteration (NaN where not logged).
+        iterations: the iterations.
+        path: the PNG.
+        title: figure title.
+        num_prototypes: K, for the ln K reference lines of the diagnostics panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, values in history.items():
+    losses = {k: v for k, v in history.items() if k.startswith("loss")}
+    with_diagnostics = any(_series(history, k) is not None for k in history if "/" in k)
+    if with_diagnostics:
+        fig = plt.figure(figsize=(11, 10), dpi=110)
+        grid = fig.add_gridspec(3, 2, height_ratios=[1.3, 1, 1])
+        ax = fig.add_subplot(grid[0, :])
+        _plot_diagnostics([fig.add_subplot(grid[r, c]) for r in (1, 2) for c in (0, 1)], history, iterations,
+                          num_prototypes)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, values in losses.items():
         ax.plot(iterations, values, label=name, lw=2.2 if name == "loss" else 1.2)
-    if history and all(all(v > 0 for v in vals) for vals in history.values()):
+    if num_prototypes:
+        ax.axhline(math.log(num_prototypes), color="k", lw=0.8, ls="--", label="ln K")
+    if losses and all(all(v > 0 for v in vals if math.isfinite(v)) for vals in losses.values()):
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
@@ -93,8 +164,9 @@ def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int]
 
 
 class LossHistoryPlotter:
-    """Record the total loss and each term every iteration and draw the loss curves as a PNG when
-    training completes (and at each epoch end, so a long run shows its progress).
+    """Record the total loss, each term and the collapse diagnostics every iteration and draw them as
+    a PNG (loss curves, then a panel of diagnostics) when training completes, and at each epoch end
+    and every ``plot_interval`` iterations, so a long run shows its progress.
 
     It has ``state_dict`` / ``load_state_dict``: put it in the checkpoint and a resumed run's curve
     continues the killed run's. A CSV of the numbers is written next to the PNG.
@@ -102,12 +174,16 @@ class LossHistoryPlotter:
     Args:
         png_path: where the PNG goes.
         keys: the names in ``engine.state.output["scalars"]`` to record.
+        num_prototypes: K of the projection heads (ln K reference lines); ``None`` draws none.
+        plot_interval: iterations between redraws (0: epoch ends and completion only).
     """
 
-    def __init__(self, png_path: str | os.PathLike,
-                 keys: Sequence[str] = ("loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd")) -> None:
+    def __init__(self, png_path: str | os.PathLike, keys: Sequence[str] = LOSS_KEYS + DIAGNOSTIC_KEYS,
+                 num_prototypes: int | None = None, plot_interval: int = 0) -> None:
         self.png_path = Path(png_path)
         self.keys = list(keys)
+        self.num_prototypes = num_prototypes
+        self.plot_interval = int(plot_interval)
         self.iterations: list[int] = []
         self.history: dict[str, list[float]] = {k: [] for k in self.keys}
 
@@ -117,6 +193,8 @@ class LossHistoryPlotter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
         engine.add_event_handler(Events.COMPLETED, self.write)
+        if self.plot_interval:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.plot_interval), self.write)
 
     def record(self, engine: Engine) -> None:
         scalars = engine.state.output.get("scalars", {}) if isinstance(engine.state.output, dict) else {}
@@ -129,7 +207,7 @@ class LossHistoryPlotter:
 
         if not self.iterations or not _is_main_process():
             return
-        plot_loss_history(self.history, self.iterations, self.png_path)
+        plot_loss_history(self.history, self.iterations, self.png_path, num_prototypes=self.num_prototypes)
         rows = ["iteration," + ",".join(self.keys)]
         rows += [",".join([str(i)] + [f"{self.history[k][n]:.6g}" for k in self.keys]) for n, i in enumerate(self.iterations)]
         atomic_write_text("\n".join(rows) + "\n", self.png_path.with_suffix(".csv"))
@@ -138,8 +216,11 @@ class LossHistoryPlotter:
         return {"iterations": list(self.iterations), "history": {k: list(v) for k, v in self.history.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore; series the checkpoint lacks (written by an older version) are NaN-filled."""
         self.iterations = [int(i) for i in state["iterations"]]
-        self.history = {k: [float(x) for x in state["history"].get(k, [])] for k in self.keys}
+        n = len(self.iterations)
+        stored = state["history"]
+        self.history = {k: [float(x) for x in stored[k]] if k in stored else [float("nan")] * n for k in self.keys}
 
 
 class LossProgressBar:

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dagman_components.losses.diagnostics import attention_diagnostics, distillation_diagnostics, prefixed
+
 __all__ = ["DistillationCrossEntropy", "masked_l1", "DAGMaNLoss", "LOSS_TERMS"]
 
 #: Names of the four loss terms, in the order they are logged.
@@ -75,6 +77,10 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, voxel_mask: torch.Tensor
     return ((pred.float() - target.float()).abs() * m).sum() / (m.sum() + eps)
 
 
+def _cat_optional(a: dict, b: dict, key: str) -> torch.Tensor | None:
+    return torch.cat([a[key], b[key]]) if key in a and key in b else None
+
+
 class DAGMaNLoss(nn.Module):
     """``total = w_amip*AMIP + w_ampd*AMPD + w_aitd*AITD + w_gitd*GITD`` (weights 1, 0.1, 0.1, 0.1).
 
@@ -105,6 +111,7 @@ class DAGMaNLoss(nn.Module):
         unknown = set(weights or {}) - set(LOSS_TERMS)
         if unknown:
             raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; valid: {list(LOSS_TERMS)}.")
+        self.out_dim = int(out_dim)
         self.weights = {**self.default_weights, **(weights or {})}
         if any(w < 0 for w in self.weights.values()):
             raise ValueError(f"loss weights must be >= 0, got {self.weights}.")
@@ -164,9 +171,52 @@ class DAGMaNLoss(nn.Module):
         return total, {k: parts[k].detach() for k in LOSS_TERMS}  # type: ignore[return-value]
 
     @torch.no_grad()
+    def diagnostics(
+        self, student: tuple[dict, dict], teacher: tuple[dict, dict], cell_masks: tuple[torch.Tensor, torch.Tensor],
+        teacher_temp: float,
+    ) -> dict[str, float]:
+        """Collapse diagnostics of the three distillation terms and of S_ATT, with the same pairing,
+        centres and token weights as :meth:`forward` (see :mod:`dagman_components.losses.diagnostics`).
+
+        Args:
+            student: outputs on the masked views (u_tilde, v_tilde).
+            teacher: outputs on the noisy views (u_hat, v_hat), with ``*_embedding`` and ``s_att``.
+            cell_masks: (B, N) masks on the SA grid of u and v (AMPD's token weights).
+            teacher_temp: tau_t of this step.
+
+        Returns:
+            ``{"<term>/<name>": value}`` for term in aitd, ampd, gitd and name in
+            :data:`~dagman_components.losses.diagnostics.DIAGNOSTIC_NAMES`, plus ``satt/entropy``,
+            ``satt/max`` and ``satt/log_n``.
+        """
+        (su, sv), (tu, tv) = student, teacher
+        out: dict[str, float] = {}
+        for term, ce, key in (("aitd", self.cls_ce, "cls"), ("gitd", self.global_ce, "global")):
+            pairs = [(su[f"{key}_logits"], tv[f"{key}_logits"], None), (sv[f"{key}_logits"], tu[f"{key}_logits"], None)]
+            emb = _cat_optional(tu, tv, f"{key}_embedding")
+            out.update(prefixed(distillation_diagnostics(pairs, emb, ce.center, teacher_temp, ce.student_temp), term))
+        pairs = [(su["patch_logits"], tu["patch_logits"], cell_masks[0]), (sv["patch_logits"], tv["patch_logits"], cell_masks[1])]
+        emb = _cat_optional(tu, tv, "patch_embedding")
+        out.update(prefixed(distillation_diagnostics(pairs, emb, self.patch_ce.center, teacher_temp,
+                                                     self.patch_ce.student_temp), "ampd"))
+        if "s_att" in tu:
+            out.update(prefixed(attention_diagnostics(torch.cat([tu["s_att"], tv["s_att"]])), "satt"))
+        return out
+
+    @torch.no_grad()
     def update_centers(self, teacher: tuple[dict, dict]) -> None:
         """Update the three centres from both teacher views (all-reduced under DDP)."""
         tu, tv = teacher
-        self.cls_ce.update_center(torch.cat([tu["cls_logits"], tv["cls_logits"]]))
-        self.patch_ce.update_center(torch.cat([tu["patch_logits"], tv["patch_logits"]]))
-        self.global_ce.update_center(torch.cat([tu["global_logits"], tv["global_logits"]]))
+        self.update_centers_from_logits({k: torch.cat([tu[k], tv[k]]) for k in ("cls_logits", "patch_logits", "global_logits")})
+
+    @torch.no_grad()
+    def update_centers_from_logits(self, logits: dict[str, torch.Tensor]) -> None:
+        """One centre update from every teacher output of an optimizer step (all views and, with
+        gradient accumulation, all micro-batches), so that the centre moves once per step.
+
+        Args:
+            logits: ``cls_logits`` (M, K), ``patch_logits`` (M, N, K) and ``global_logits`` (M, K).
+        """
+        self.cls_ce.update_center(logits["cls_logits"])
+        self.patch_ce.update_center(logits["patch_logits"])
+        self.global_ce.update_center(logits["global_logits"])

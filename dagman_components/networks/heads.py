@@ -52,10 +52,20 @@ class ProjectionHead(nn.Module):
         """The trainable parameters of the prototype layer (frozen during the first epoch)."""
         return [p for p in self.last_layer.parameters() if p.requires_grad]
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features (..., bottleneck_dim), in float32."""
+        return F.normalize(self.mlp(x).float(), dim=-1, eps=1e-6)
+
+    def prototypes(self, z: torch.Tensor) -> torch.Tensor:
+        """Prototype logits (cosine similarities in [-1, 1]) of bottleneck features, computed in float32
+        even under autocast: at a teacher temperature of 0.04 a bf16 rounding of the cosine (about
+        4e-3 near 1) would move a target logit by 0.1."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.last_layer(z.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project tokens to prototype logits."""
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        return self.last_layer(x)
+        return self.prototypes(self.embed(x))
 
 
 class ReconstructionHead(nn.Module):

@@ -72,13 +72,16 @@ class DAGMaNPretrainNetwork(nn.Module):
 
         Returns:
             The encoder's dict plus ``cls_logits`` (B, K), ``patch_logits`` (B, N, K),
-            ``global_logits`` (B, K) and, with the reconstruction head, ``recon`` shaped like ``x``.
+            ``global_logits`` (B, K), the L2-normalised bottleneck features they come from
+            (``cls_embedding``, ``patch_embedding``, ``global_embedding``, float32) and, with the reconstruction head, ``recon`` shaped like ``x``.
         """
         out = self.encoder(x, mask=mask, token_drop=token_drop)
         with torch.profiler.record_function("dagman/projection_heads"):
-            out["cls_logits"] = self.cls_head(out["cls"])
-            out["patch_logits"] = self.patch_head(out["patch_tokens"])
-            out["global_logits"] = self.global_head(out["global"])
+            for name, head, tokens in (("cls", self.cls_head, out["cls"]), ("patch", self.patch_head, out["patch_tokens"]),
+                                       ("global", self.global_head, out["global"])):
+                z = head.embed(tokens)
+                out[f"{name}_embedding"] = z
+                out[f"{name}_logits"] = head.prototypes(z)
         if self.recon_head is not None:
             out["recon"] = self.recon_head(out["features"][-1])
         return out
