@@ -4,3 +4,4 @@ from dagman_components.handlers.collapse import CollapseAlarm
 from dagman_components.handlers.checkpoint import AtomicCheckpointSaver, EncoderExporter, ResumeFromCheckpoint
 from dagman_components.handlers.monitoring import DataWaitTimer, LossHistoryPlotter, LossProgressBar, plot_loss_history
 from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_momentum, ema_update
+from dagman_components.handlers.probe import FrozenFeatureProbe

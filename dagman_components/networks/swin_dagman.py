@@ -83,7 +83,7 @@ class SemanticAttention(nn.Module):
         for block in self.blocks:
             x = block(x)
         att = self.blocks[-1].attn.att_mat  # (B, heads, 1 + N, 1 + N), post-softmax, detached
-        cls_to_patch = att[:, :, 0, 1:].mean(dim=1)
+        cls_to_patch = att[:, :, 0, 1:].float().mean(dim=1)  # float32 even under autocast: sums to 1
         s_att = cls_to_patch / cls_to_patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return x[:, 1:], self.norm(x), s_att
 

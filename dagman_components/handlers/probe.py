@@ -1,0 +1,627 @@
+"""An in-loop linear probe: how useful are the frozen teacher's features on labelled nodules?
+
+The pretraining loss says little about the downstream value of the features. This handler embeds
+a small labelled nodule set (the LIDC layout: ``nodules.csv`` + ``image/``) with the frozen
+teacher encoder every ``interval`` iterations, scores the ``cls`` and ``global`` tokens with a
+standardised logistic regression (or kNN) in patient-grouped stratified folds and records the
+mean test ROC AUC over the folds, with the random-init baseline at iteration 0. It is off unless
+added to the trainer's handlers (``configs/probe.yaml`` of the pretraining bundle does so).
+
+The images are preprocessed once, on first use, and kept in memory as one (N, 1, D, H, W)
+tensor; only the features are recomputed. Folds and classifiers are seeded, so a probe of the
+same weights always gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+
+from dagman_components.classification.splits import grouped_stratified_folds
+from dagman_components.classification.table import NoduleTableError, read_nodule_table
+from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
+from dagman_components.data import HU_WINDOW
+from dagman_components.handlers.checkpoint import _is_main_process
+from dagman_components.networks.pretrain import unwrap
+from dagman_components.weights import _atomic_replace, atomic_write_text
+
+__all__ = [
+    "FrozenFeatureProbe",
+    "ProbeData",
+    "CLASSIFIERS",
+    "select_cases",
+    "check_probe_classes",
+    "encode_tokens",
+    "probe_auc",
+    "plot_probe_history",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The classifiers a probe can fit on the frozen features.
+CLASSIFIERS: tuple[str, ...] = ("logistic", "knn")
+#: Config key of the labelled folder, named in every error about it.
+_DIR_KEY = "probe_dir"
+
+
+@dataclass
+class ProbeData:
+    """The preprocessed labelled set of a probe.
+
+    Attributes:
+        images: (N, 1, D, H, W) float32 images, on the CPU.
+        labels: (N,) 0 / 1 labels (1 = malignant).
+        patients: (N,) patient ids (the folds keep each patient's nodules together).
+        ids: the case ids, in table order.
+        folds: the test indices of each patient-grouped stratified fold.
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    patients: np.ndarray
+    ids: list[str]
+    folds: list[np.ndarray]
+
+
+def _patients_per_class(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Number of patients with at least one nodule of each class (0 benign, 1 malignant)."""
+    members: dict[int, set[str]] = {0: set(), 1: set()}
+    for it in items:
+        members[int(it["label"])].add(str(it["patient"]))
+    return {c: len(p) for c, p in members.items()}
+
+
+def select_cases(items: Sequence[Mapping[str, Any]], max_cases: int | None, seed: int = 0) -> list[Mapping[str, Any]]:
+    """A deterministic subset of whole patients, stratified by label, of about ``max_cases`` nodules.
+
+    A patient belongs to the malignant stratum when any of its nodules is malignant. Within each
+    stratum the patients are shuffled with ``seed`` and taken in that order until the stratum's
+    share of ``max_cases`` (its share of all nodules, at least one nodule) is reached, so both
+    classes keep their proportion and no patient is split.
+
+    Args:
+        items: labelled items with ``label`` and ``patient``.
+        max_cases: the nodule budget; ``None`` (or at least ``len(items)``) keeps every item.
+        seed: shuffling seed.
+
+    Returns:
+        The chosen items, in their original order.
+
+    Raises:
+        ValueError: for ``max_cases < 1``.
+    """
+    if max_cases is None or int(max_cases) >= len(items):
+        return list(items)
+    if int(max_cases) < 1:
+        raise ValueError(f"max_cases must be at least 1 (or None for all cases), got {max_cases}.")
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_patient[str(it["patient"])].append(i)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for cls in (0, 1):
+        stratum = sorted(p for p, idx in by_patient.items() if max(int(items[i]["label"]) for i in idx) == cls)
+        size = sum(len(by_patient[p]) for p in stratum)
+        target = max(1, round(int(max_cases) * size / len(items))) if size else 0
+        taken = 0
+        for j in rng.permutation(len(stratum)):
+            if taken >= target:
+                break
+            chosen += by_patient[stratum[j]]
+            taken += len(by_patient[stratum[j]])
+    return [items[i] for i in sorted(chosen)]
+
+
+def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source: str) -> None:
+    """Raise when the folds cannot each test both classes.
+
+    Args:
+        items: the labelled items the probe uses.
+        n_folds: number of patient-grouped folds.
+        source: the folder, named in the message.
+
+    Raises:
+        ValueError: when either class has fewer than ``max(2, n_folds)`` patients; the message names
+            ``probe_dir`` and the counts.
+    """
+    need = max(2, int(n_folds))
+    counts = _patients_per_class(items)
+    if min(counts.values()) < need:
+        raise ValueError(
+            f"{_DIR_KEY} '{source}': the probe needs at least {need} patients of each class for n_folds={n_folds} "
+            f"patient-grouped folds, but its {len(items)} nodule(s) come from {counts[1]} patient(s) with a malignant "
+            f"and {counts[0]} with a benign nodule. Point {_DIR_KEY} at a larger set, raise max_cases or lower n_folds."
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block and restore its previous mode afterwards.
+
+    Args:
+        module: any module.
+
+    Returns:
+        A context manager yielding ``module``.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """The device of the first parameter or buffer of ``module`` (CPU when it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def encode_tokens(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    tokens: Sequence[str] = ("cls", "global"),
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> dict[str, np.ndarray]:
+    """Frozen features of ``images``: the encoder in eval mode, without gradients, mask or token dropout.
+
+    Args:
+        encoder: a module whose output is a dict holding each of ``tokens`` as a (B, C) tensor
+            (a :class:`~dagman_components.networks.SwinDAGMaN`); its mode is restored afterwards.
+        images: (N, C, D, H, W) images (any device; each batch is moved to ``device``).
+        tokens: the output keys to keep.
+        batch_size: images per forward pass.
+        device: where the forward passes run (default: the encoder's device).
+
+    Returns:
+        ``token -> (N, C) float64 array``.
+
+    Raises:
+        KeyError: when the encoder's output lacks one of ``tokens``.
+    """
+    device = torch.device(device) if device is not None else _module_device(encoder)
+    chunks: dict[str, list[np.ndarray]] = {t: [] for t in tokens}
+    with eval_mode(encoder), torch.no_grad():
+        for start in range(0, len(images), max(1, int(batch_size))):
+            out = encoder(images[start : start + batch_size].to(device=device, dtype=torch.float32))
+            missing = [t for t in tokens if not isinstance(out, Mapping) or t not in out]
+            if missing:
+                keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+                raise KeyError(f"the probed encoder's output has no {missing} (it has {keys}); set tokens accordingly.")
+            for t in tokens:
+                chunks[t].append(out[t].detach().float().flatten(1).cpu().numpy().astype(np.float64))
+    return {t: np.concatenate(c) for t, c in chunks.items()}
+
+
+def _make_classifier(classifier: str, n_train: int, C: float, max_iter: int, n_neighbors: int,
+                     class_weight: str | None, seed: int) -> Any:
+    """A fresh StandardScaler + classifier pipeline (LogisticRegression or kNN)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if classifier == "knn":
+        model = KNeighborsClassifier(n_neighbors=max(1, min(int(n_neighbors), n_train)))
+    else:
+        model = LogisticRegression(C=float(C), max_iter=int(max_iter), class_weight=class_weight, random_state=seed)
+    return make_pipeline(StandardScaler(), model)
+
+
+def probe_auc(
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[np.ndarray],
+    classifier: str = "logistic",
+    C: float = 1.0,
+    max_iter: int = 2000,
+    n_neighbors: int = 10,
+    class_weight: str | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean test ROC AUC over the folds of a classifier fitted on standardised frozen features.
+
+    For each fold, StandardScaler + the classifier are fitted on the other folds and the test
+    fold's malignancy probabilities are scored with ``sklearn.metrics.roc_auc_score``. Folds whose
+    test or training part lacks a class are skipped (with a warning).
+
+    Args:
+        features: (N, C) features.
+        labels: (N,) 0 / 1 labels.
+        folds: test indices of each fold (a partition of ``range(N)``).
+        classifier: ``"logistic"`` (LogisticRegression) or ``"knn"`` (KNeighborsClassifier, the
+            share of malignant neighbours as the score).
+        C: inverse L2 strength of the logistic regression.
+        max_iter: iterations of the logistic regression's solver.
+        n_neighbors: k of the kNN (capped at the training size).
+        class_weight: the logistic regression's ``class_weight`` (``None`` or ``"balanced"``).
+        seed: ``random_state`` of the logistic regression.
+
+    Returns:
+        The mean AUC, or NaN when the features are not finite or no fold could be scored.
+
+    Raises:
+        ValueError: for an unknown ``classifier``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
+    x, y = np.asarray(features, dtype=np.float64), np.asarray(labels).astype(int)
+    if not np.isfinite(x).all():
+        logger.warning("probe: the features are not finite (diverged weights?); AUC set to NaN")
+        return float("nan")
+    aucs = []
+    for k, test in enumerate(folds):
+        train = np.setdiff1d(np.arange(len(y)), test)
+        if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
+            logger.warning("probe: fold %d lacks a class in its test or training part; skipped", k)
+            continue
+        model = _make_classifier(classifier, len(train), C, max_iter, n_neighbors, class_weight, seed)
+        model.fit(x[train], y[train])
+        aucs.append(float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1])))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def plot_probe_history(iterations: Sequence[int], aucs: Mapping[str, Sequence[float]], path: str | os.PathLike,
+                       title: str = "DAGMaN pretraining: frozen-feature probe") -> None:
+    """Draw the probe AUC of each token over the iterations to a PNG, atomically (Agg backend).
+
+    The iteration-0 values (the random-init baseline), when recorded, are dashed horizontal lines in
+    each token's colour; chance (0.5) is dotted.
+
+    Args:
+        iterations: the probed iterations.
+        aucs: ``token -> AUC per iteration``.
+        path: the PNG.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    its = list(iterations)
+    for n, (token, values) in enumerate(aucs.items()):
+        colour = f"C{n}"
+        ax.plot(its, values, marker="o", ms=3, color=colour, label=f"{token} token")
+        if its and its[0] == 0 and math.isfinite(values[0]):
+            ax.axhline(values[0], color=colour, ls="--", lw=1, alpha=0.8, label=f"{token} at init ({values[0]:.3f})")
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    finite = [v for vals in aucs.values() for v in vals if math.isfinite(v)]
+    ax.set_ylim(max(0.0, min(finite + [0.5]) - 0.05), 1.0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("probe ROC AUC (mean over folds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
+
+
+class FrozenFeatureProbe:
+    """Probe the frozen teacher's features on a labelled nodule set during pretraining.
+
+    At ``Events.STARTED`` of a fresh run (iteration 0: the random-init baseline; skipped on a resumed
+    run), every ``interval`` iterations and at ``Events.COMPLETED`` (unless just probed), it embeds
+    the nodules with the network's encoder (eval mode, ``torch.no_grad()``, no mask, no token
+    dropout, the previous mode restored), scores each token with :func:`probe_auc` in
+    patient-grouped stratified folds and:
+
+    * appends to its history (``state_dict`` / ``load_state_dict``; put it in the checkpoint dict to
+      carry it across resumes; without that, a resumed run reads back the rows of its CSV up to the
+      resumed iteration);
+    * sets ``engine.state.probe`` (iteration, ``auc_<token>``, seconds, cases, folds);
+    * adds ``probe_auc_<token>`` to ``engine.state.output["scalars"]`` when that is a dict (the
+      bundle's TensorBoard handler, attached after it, logs it);
+    * logs one INFO line and rewrites ``png_path`` and the CSV next to it, atomically.
+
+    Only rank 0 probes under ``torch.distributed``. Handlers run in the order they are attached:
+    attach it after the resume handler and the teacher's EMA update and before the TensorBoard
+    handler and the checkpoint saver (``configs/probe.yaml`` appends it to ``train#common_handlers``),
+    so that ``STARTED`` sees the resumed iteration and the same iteration's logs see its result.
+
+    Args:
+        probe_dir: a folder in the LIDC layout: ``nodules.csv`` (read with
+            :func:`~dagman_components.classification.read_nodule_table` and its defaults: the paper's
+            label rule) and ``image/``.
+        network: the network probed (its ``encoder`` if it has one; DDP-unwrapped); ``None`` takes
+            ``engine.teacher``.
+        interval: probe every this many iterations; 0 or less: only the baseline and the end.
+        png_path: the AUC plot; the CSV goes next to it with a ``.csv`` suffix; ``None`` writes neither.
+        roi_size: crop size in voxels (every side divisible by 32).
+        spacing: voxel spacing in mm.
+        hu_window: HU window scaled to [0, 1] (the pretraining one).
+        n_folds: patient-grouped stratified folds.
+        classifier: ``"logistic"`` (default) or ``"knn"``.
+        C: inverse L2 strength of the logistic regression.
+        max_iter: iterations of the logistic regression.
+        n_neighbors: k of the kNN classifier.
+        class_weight: ``class_weight`` of the logistic regression (``None`` or ``"balanced"``).
+        batch_size: images per forward pass.
+        max_cases: keep a seeded, label-stratified subset of whole patients of about this many
+            nodules (:func:`select_cases`); ``None`` keeps all.
+        tokens: encoder outputs probed.
+        seed: seed of the folds, the subset and the classifier.
+        device: where the features are computed; default the engine's (``engine.state.device``), else
+            the network's.
+
+    Raises:
+        FileNotFoundError: ``probe_dir``, its ``nodules.csv`` or its ``image/`` folder is missing
+            (the message names the path and ``probe_dir``).
+        ValueError: invalid settings, an unreadable table (``NoduleTableError``, prefixed with
+            ``probe_dir``) or fewer than ``max(2, n_folds)`` patients of a class.
+
+    Example (bundle config)::
+
+        - _target_: dagman_components.handlers.probe.FrozenFeatureProbe
+          probe_dir: ../shared/data/lidc_nodules
+          network: "@teacher"
+          interval: 50
+          png_path: $os.path.join(@output_dir, 'probe_auc.png')
+    """
+
+    def __init__(
+        self,
+        probe_dir: str | os.PathLike,
+        network: nn.Module | None = None,
+        interval: int = 50,
+        png_path: str | os.PathLike | None = None,
+        roi_size: Sequence[int] | int = NODULE_ROI,
+        spacing: Sequence[float] = NODULE_SPACING,
+        hu_window: Sequence[float] = HU_WINDOW,
+        n_folds: int = 3,
+        classifier: str = "logistic",
+        C: float = 1.0,
+        max_iter: int = 2000,
+        n_neighbors: int = 10,
+        class_weight: str | None = None,
+        batch_size: int = 16,
+        max_cases: int | None = None,
+        tokens: Sequence[str] = ("cls", "global"),
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
+        if int(batch_size) < 1 or not tokens:
+            raise ValueError(f"batch_size must be >= 1 and tokens non-empty, got {batch_size} and {list(tokens)}.")
+        self.probe_dir = Path(probe_dir)
+        self.network = network
+        self.interval = int(interval)
+        self.png_path = Path(png_path) if png_path is not None else None
+        self.roi_size, self.spacing, self.hu_window = roi_size, spacing, hu_window
+        self.n_folds = int(n_folds)
+        self.classifier, self.C, self.max_iter = classifier, float(C), int(max_iter)
+        self.n_neighbors, self.class_weight = int(n_neighbors), class_weight
+        self.batch_size, self.max_cases = int(batch_size), max_cases
+        self.tokens = [str(t) for t in tokens]
+        self.seed = int(seed)
+        self.device = device
+        self.items = self._read_items()
+        self._data: ProbeData | None = None
+        self.iterations: list[int] = []
+        self.aucs: dict[str, list[float]] = {t: [] for t in self.tokens}
+        self.seconds: list[float] = []
+
+    # -- the labelled set
+
+    def _read_items(self) -> list[Mapping[str, Any]]:
+        """The table's items (after ``max_cases``), checked for enough patients per class."""
+        csv_path, image_dir = self.probe_dir / "nodules.csv", self.probe_dir / "image"
+        for path, what in ((self.probe_dir, "folder"), (csv_path, "table"), (image_dir, "image folder")):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{_DIR_KEY}: the probe's nodule {what} '{path}' does not exist; set {_DIR_KEY} to a folder with "
+                    "nodules.csv and image/ (the LIDC layout of data/lidc_nodules_sample)."
+                )
+        try:
+            items = read_nodule_table(os.path.join(self.probe_dir, "nodules.csv"), image_dir=image_dir)
+        except NoduleTableError as e:
+            raise NoduleTableError(f"{_DIR_KEY} '{self.probe_dir}': {e}") from e
+        items = select_cases(items, self.max_cases, self.seed)
+        check_probe_classes(items, self.n_folds, str(self.probe_dir))
+        return items
+
+    def _preprocess(self) -> torch.Tensor:
+        """The (N, 1, D, H, W) float32 images of :attr:`items`."""
+        from monai.transforms import Compose
+
+        transform = Compose(nodule_preprocessing(roi_size=self.roi_size, spacing=self.spacing,
+                                                 hu_window=self.hu_window, track_meta=False))
+        images = []
+        for it in self.items:
+            img = transform(dict(it))["image"]
+            images.append(torch.as_tensor(img.as_tensor() if hasattr(img, "as_tensor") else img, dtype=torch.float32))
+        return torch.stack(images)
+
+    @property
+    def data(self) -> ProbeData:
+        """The preprocessed labelled set and its folds (built on first use, then kept)."""
+        if self._data is None:
+            t0 = time.perf_counter()
+            labels = np.array([int(it["label"]) for it in self.items])
+            patients = np.array([str(it["patient"]) for it in self.items])
+            self._data = ProbeData(
+                images=self._preprocess(), labels=labels, patients=patients,
+                ids=[str(it["id"]) for it in self.items],
+                folds=grouped_stratified_folds(labels, patients, self.n_folds, self.seed),
+            )
+            logger.info("probe set: %d nodules (%d malignant) of %d patients from %s, preprocessed in %.1f s",
+                        len(labels), int(labels.sum()), len(set(patients.tolist())), self.probe_dir,
+                        time.perf_counter() - t0)
+        return self._data
+
+    # -- probing
+
+    def _encoder(self, engine: Engine | None) -> nn.Module:
+        network = self.network if self.network is not None else getattr(engine, "teacher", None)
+        if network is None:
+            raise ValueError("FrozenFeatureProbe: give network, or attach it to an engine with a 'teacher' attribute.")
+        network = unwrap(network)
+        return network.encoder if isinstance(getattr(network, "encoder", None), nn.Module) else network
+
+    def _device(self, engine: Engine | None, encoder: nn.Module) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        device = getattr(getattr(engine, "state", None), "device", None)
+        return torch.device(device) if device is not None else _module_device(encoder)
+
+    def features(self, engine: Engine | None = None) -> dict[str, np.ndarray]:
+        """The frozen features of the labelled set, ``token -> (N, C)``.
+
+        Args:
+            engine: the engine (for ``engine.teacher`` and its device); optional with ``network``.
+
+        Returns:
+            The features of every token.
+        """
+        encoder = self._encoder(engine)
+        return encode_tokens(encoder, self.data.images, self.tokens, self.batch_size, self._device(engine, encoder))
+
+    def score(self, features: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The mean test AUC of each token's features over the probe's folds.
+
+        Args:
+            features: ``token -> (N, C)`` features of :attr:`data`.
+
+        Returns:
+            ``token -> AUC``.
+        """
+        d = self.data
+        return {t: probe_auc(features[t], d.labels, d.folds, self.classifier, self.C, self.max_iter, self.n_neighbors,
+                             self.class_weight, self.seed) for t in self.tokens}
+
+    def run_probe(self, engine: Engine) -> dict[str, Any]:
+        """Probe now, record the result and report it (files, state, scalars, log).
+
+        Args:
+            engine: the training engine.
+
+        Returns:
+            The result: ``iteration``, ``auc_<token>``, ``seconds``, ``cases``, ``folds``.
+        """
+        data = self.data  # first use: preprocessing is not counted in the probe's seconds
+        t0 = time.perf_counter()
+        aucs = self.score(self.features(engine))
+        seconds = time.perf_counter() - t0
+        iteration = int(engine.state.iteration)
+        self.iterations.append(iteration)
+        for t in self.tokens:
+            self.aucs[t].append(aucs[t])
+        self.seconds.append(seconds)
+        result = {"iteration": iteration, **{f"auc_{t}": aucs[t] for t in self.tokens}, "seconds": seconds,
+                  "cases": len(data.labels), "folds": len(data.folds)}
+        self._report(engine, result)
+        return result
+
+    def _report(self, engine: Engine, result: Mapping[str, Any]) -> None:
+        engine.state.probe = dict(result)
+        output = engine.state.output
+        if isinstance(output, dict) and isinstance(output.get("scalars"), dict):
+            output["scalars"].update({f"probe_auc_{t}": result[f"auc_{t}"] for t in self.tokens})
+        logger.info("probe @ iteration %d: AUC %s (%d cases, %d folds, %.1f s)", result["iteration"],
+                    ", ".join(f"{t} {result[f'auc_{t}']:.3f}" for t in self.tokens), result["cases"], result["folds"],
+                    result["seconds"])
+        self.write()
+
+    # -- ignite
+
+    def attach(self, engine: Engine) -> None:
+        """Probe at the start of a fresh run, every ``interval`` iterations and at the end (once)."""
+        if engine.has_event_handler(self._on_started, Events.STARTED):
+            return
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        if self.interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def __call__(self, engine: Engine) -> None:
+        """Probe (rank 0 only)."""
+        if _is_main_process():
+            self.run_probe(engine)
+
+    def _on_started(self, engine: Engine) -> None:
+        if int(engine.state.iteration) == 0:
+            self(engine)  # the random-init baseline
+        elif not self.iterations:
+            self._recover_from_csv(int(engine.state.iteration))
+
+    def _on_completed(self, engine: Engine) -> None:
+        if not self.iterations or self.iterations[-1] != int(engine.state.iteration):
+            self(engine)
+
+    # -- history and files
+
+    @property
+    def csv_path(self) -> Path | None:
+        """The CSV next to ``png_path``."""
+        return self.png_path.with_suffix(".csv") if self.png_path is not None else None
+
+    def write(self) -> None:
+        """Rewrite the PNG and the CSV (rank 0, when ``png_path`` is set and there is a history)."""
+        if self.png_path is None or not self.iterations or not _is_main_process():
+            return
+        plot_probe_history(self.iterations, self.aucs, self.png_path)
+        rows = ["iteration," + ",".join(f"auc_{t}" for t in self.tokens) + ",seconds"]
+        rows += [",".join([str(i)] + [f"{self.aucs[t][n]:.6g}" for t in self.tokens] + [f"{self.seconds[n]:.3f}"])
+                 for n, i in enumerate(self.iterations)]
+        atomic_write_text("\n".join(rows) + "\n", self.csv_path)  # type: ignore[arg-type]
+
+    def _recover_from_csv(self, iteration: int) -> None:
+        """On a resumed run without the probe in the checkpoint, read back the CSV rows up to ``iteration``."""
+        path = self.csv_path
+        if path is None or not path.is_file():
+            return
+        try:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
+            state = {"iterations": [int(r["iteration"]) for r in rows], "seconds": [float(r["seconds"]) for r in rows],
+                     **{f"auc_{t}": [float(r[f"auc_{t}"]) for r in rows] for t in self.tokens}}
+        except (KeyError, ValueError) as e:
+            logger.warning("probe: cannot read back the history of %s (%s); it starts anew", path, e)
+            return
+        self.load_state_dict(state)
+        logger.info("probe: %d earlier point(s) read back from %s", len(rows), path)
+
+    def state_dict(self) -> dict[str, list]:
+        """The history: ``iterations``, ``auc_<token>`` and ``seconds`` (plain lists, checkpoint-safe)."""
+        return {"iterations": list(self.iterations), **{f"auc_{t}": list(v) for t, v in self.aucs.items()},
+                "seconds": list(self.seconds)}
+
+    def load_state_dict(self, state: Mapping[str, Sequence[Any]]) -> None:
+        """Restore the history of :meth:`state_dict`.
+
+        Args:
+            state: the mapping :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: when its lists differ in length or a token is missing.
+        """
+        missing = [k for k in ("iterations", "seconds", *(f"auc_{t}" for t in self.tokens)) if k not in state]
+        lengths = {len(v) for k, v in state.items() if k == "iterations" or k == "seconds" or k.startswith("auc_")}
+        if missing or len(lengths) > 1:
+            raise ValueError(f"probe history: missing {missing} or lists of different lengths {sorted(lengths)}.")
+        self.iterations = [int(i) for i in state["iterations"]]
+        self.aucs = {t: [float(x) for x in state[f"auc_{t}"]] for t in self.tokens}
+        self.seconds = [float(s) for s in state["seconds"]]

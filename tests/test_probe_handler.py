@@ -1,0 +1,233 @@
+"""The in-loop frozen-feature probe of DAGMaN pretraining (handlers.probe) and its override config."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import DATA, REPO
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import dagman_components.handlers.probe as probe_module
+from dagman_components.classification.splits import grouped_stratified_folds
+from dagman_components.classification.table import read_nodule_table
+from dagman_components.classification.transforms import nodule_preprocessing
+from dagman_components.data import HU_WINDOW
+from dagman_components.handlers import AtomicCheckpointSaver, ResumeFromCheckpoint, TeacherEMAHandler
+from dagman_components.handlers.probe import FrozenFeatureProbe, select_cases
+from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
+
+SAMPLE = DATA / "lidc_nodules_sample"
+BUNDLE = REPO / "bundles" / "dagman_ct_pretraining"
+CONFIGS = BUNDLE / "configs"
+TINY_BUNDLE = {"roi_size": [32, 32, 32], "embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3],
+               "sa_heads": 4, "head_out_dim": 16, "head_hidden_dim": 16, "head_bottleneck_dim": 8, "max_epochs": 2}
+
+
+def _network(seed: int = 0) -> DAGMaNPretrainNetwork:
+    torch.manual_seed(seed)
+    encoder = SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3), depths=(1, 1, 1, 1), sa_heads=4)
+    return DAGMaNPretrainNetwork(encoder, out_dim=16, hidden_dim=16, bottleneck_dim=8)
+
+
+def _engine(teacher: nn.Module | None = None) -> Engine:
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.0), "scalars": {"loss": 0.0}})
+    engine.teacher = teacher
+    return engine
+
+
+def _probe(tmp_path, **kwargs) -> FrozenFeatureProbe:
+    return FrozenFeatureProbe(SAMPLE, png_path=tmp_path / "probe_auc.png", roi_size=32, **kwargs)
+
+
+class _LabelEncoder(nn.Module):
+    """Stub encoder: looks each image up among the probe's images and returns its label (or a constant)."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, constant: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("ref", images.flatten(1))
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.float32))
+        self.constant = constant
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.constant:
+            f = torch.ones(len(x), 4)
+        else:
+            f = self.labels[torch.cdist(x.flatten(1), self.ref).argmin(1)][:, None].repeat(1, 3)
+        return {"cls": f, "global": -f}
+
+
+class _PooledEncoder(nn.Module):
+    """Cheap deterministic stub encoder (2^3 average pooling) for the plumbing tests."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = torch.nn.functional.adaptive_avg_pool3d(x, 2).flatten(1)
+        return {"cls": f, "global": f.square()}
+
+
+def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path):
+    net = _network().train()  # any mode: restored after each probe
+    engine = _engine(teacher=net)
+    seen: dict[int, dict] = {}
+    probe = _probe(tmp_path, interval=4)  # network None: engine.teacher
+    probe.attach(engine)
+    probe.attach(engine)  # idempotent
+    engine.add_event_handler(Events.ITERATION_COMPLETED,  # attached after it, like the bundle's TensorBoard handler
+                             lambda e: seen.__setitem__(e.state.iteration, dict(e.state.output["scalars"])))
+    engine.run(range(5), max_epochs=2)  # 10 iterations
+    assert probe.iterations == [0, 4, 8, 10]  # baseline, every 4, and the end
+    assert len(probe.aucs["cls"]) == len(probe.aucs["global"]) == len(probe.seconds) == 4
+    assert net.training
+    for it, scalars in seen.items():
+        has = {"probe_auc_cls", "probe_auc_global"} <= set(scalars)
+        assert has == (it in (4, 8)), it
+    n = probe.iterations.index(8)
+    assert seen[8]["probe_auc_cls"] == probe.aucs["cls"][n] and seen[8]["probe_auc_global"] == probe.aucs["global"][n]
+    assert engine.state.probe["iteration"] == 10 and engine.state.probe["cases"] == 24 and engine.state.probe["folds"] == 3
+    assert all(0.0 <= a <= 1.0 for t in ("cls", "global") for a in probe.aucs[t])
+    assert (tmp_path / "probe_auc.png").stat().st_size > 1000
+    with open(tmp_path / "probe_auc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [0, 4, 8, 10]
+    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", "seconds"]
+    assert float(rows[1]["auc_global"]) == pytest.approx(probe.aucs["global"][1], abs=1e-5)
+
+
+def test_auc_equals_a_direct_scikit_learn_recomputation(tmp_path):
+    net = _network(seed=1)
+    probe = _probe(tmp_path, network=net, interval=0)
+    engine = _engine()
+    probe.attach(engine)
+    engine.run(range(2), max_epochs=1)
+    assert probe.iterations == [0, 2]
+    items = read_nodule_table(SAMPLE / "nodules.csv", image_dir=SAMPLE / "image")
+    pre = Compose(nodule_preprocessing(roi_size=32, spacing=(1.0, 1.0, 1.0), hu_window=HU_WINDOW, track_meta=False))
+    images = torch.stack([torch.as_tensor(pre(dict(it))["image"]) for it in items]).float()
+    labels = np.array([it["label"] for it in items])
+    folds = grouped_stratified_folds(labels, [it["patient"] for it in items], 3, 0)
+    net.encoder.eval()
+    with torch.no_grad():
+        out = net.encoder(images)
+    for token in ("cls", "global"):
+        x = out[token].double().numpy()
+        aucs = []
+        for test in folds:
+            train = np.setdiff1d(np.arange(len(labels)), test)
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0))
+            aucs.append(roc_auc_score(labels[test], clf.fit(x[train], labels[train]).predict_proba(x[test])[:, 1]))
+        assert probe.aucs[token][0] == pytest.approx(np.mean(aucs), abs=1e-6)
+        assert probe.aucs[token][1] == probe.aucs[token][0]  # deterministic: same weights, same number
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "knn"])
+def test_separating_features_score_one_and_constant_features_one_half(tmp_path, classifier):
+    probe = _probe(tmp_path, classifier=classifier, n_neighbors=3)
+    d = probe.data
+    probe.network = _LabelEncoder(d.images, d.labels)
+    assert probe.score(probe.features()) == {"cls": 1.0, "global": 1.0}
+    probe.network = _LabelEncoder(d.images, d.labels, constant=True)
+    assert probe.score(probe.features()) == {"cls": 0.5, "global": 0.5}
+
+
+def test_history_round_trips_and_a_resumed_run_skips_the_baseline(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    net = _PooledEncoder()
+    probe = _probe(tmp_path, network=net, interval=2)
+    engine = _engine()
+    AtomicCheckpointSaver(ckpt, {"probe": probe}).attach(engine)
+    probe.attach(engine)
+    engine.run(range(4), max_epochs=1)
+    assert probe.iterations == [0, 2, 4]
+    state = torch.load(ckpt, weights_only=True)["probe"]
+    copy = _probe(tmp_path, network=net, interval=2)
+    copy.load_state_dict(state)
+    assert copy.state_dict() == probe.state_dict()
+    with pytest.raises(ValueError, match="different lengths"):
+        copy.load_state_dict({**state, "seconds": []})
+
+    resumed = _probe(tmp_path, network=net, interval=2)  # restored from the checkpoint, as the bundle does
+    engine = _engine()
+    seen: list[int] = []
+    ResumeFromCheckpoint(ckpt, {"probe": resumed}).attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda e: seen.append(e.state.iteration))
+    resumed.attach(engine)
+    engine.run(range(4), max_epochs=2)
+    assert seen == [4] and engine.state.iteration == 8
+    assert resumed.iterations == [0, 2, 4, 6, 8]  # no second baseline
+    assert resumed.aucs["cls"][:3] == probe.aucs["cls"]
+
+    from_csv = _probe(tmp_path, network=net, interval=2)  # not in the checkpoint: its CSV is read back
+    engine = _engine()
+    ResumeFromCheckpoint(ckpt, {"probe": probe}).attach(engine)
+    from_csv.attach(engine)
+    engine.run(range(4), max_epochs=3)
+    assert from_csv.iterations == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_only_rank_zero_probes(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe_module, "_is_main_process", lambda: False)
+    probe = _probe(tmp_path, network=_PooledEncoder(), interval=1)
+    engine = _engine()
+    probe.attach(engine)
+    engine.run(range(2), max_epochs=1)
+    assert probe.iterations == [] and not (tmp_path / "probe_auc.png").exists()
+
+
+def test_clear_errors_for_a_missing_folder_or_too_few_patients(tmp_path):
+    missing = tmp_path / "no_such_nodules"
+    with pytest.raises(FileNotFoundError, match="probe_dir") as err:
+        FrozenFeatureProbe(missing)
+    assert str(missing) in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"probe_dir.*nodules\.csv"):
+        FrozenFeatureProbe(tmp_path)
+    with pytest.raises(ValueError, match=r"probe_dir .*2 patient\(s\) with a malignant and 2 with a benign"):
+        FrozenFeatureProbe(SAMPLE, max_cases=4, n_folds=3)
+    with pytest.raises(ValueError, match="classifier"):
+        FrozenFeatureProbe(SAMPLE, classifier="svm")
+
+
+def test_max_cases_keeps_whole_patients_stratified_and_seeded():
+    items = [{"id": f"n{i}", "patient": f"p{i // 2}", "label": int(i < 12)} for i in range(36)]  # 2 nodules each
+    subset = select_cases(items, 12, seed=3)
+    assert subset == select_cases(items, 12, seed=3) and subset != select_cases(items, 12, seed=4)
+    assert len(subset) == 12 and sum(it["label"] for it in subset) == 4  # a third malignant, as in all
+    patients = {it["patient"] for it in subset}
+    assert all(sum(it["patient"] == p for it in subset) == 2 for p in patients)
+    assert select_cases(items, None) == items
+    probe = FrozenFeatureProbe(SAMPLE, roi_size=32, max_cases=12)
+    assert len(probe.items) == 12 and sum(it["label"] for it in probe.items) == 6
+
+
+def test_override_config_adds_the_probe_to_the_trainer_handlers(tmp_path):
+    base = ConfigParser()
+    base.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "demo.yaml")])
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "demo.yaml"), str(CONFIGS / "probe.yaml")])
+    parser.update({**TINY_BUNDLE, "bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "runs"),
+                   "ckpt_dir": str(tmp_path / "models"), "checkpoint_objects#probe": "@probe_handler"})
+    parser["train#dataloader"] = "$[0]"  # no CT loading: the handlers only need its length
+    assert len(parser["train#common_handlers"]) == len(base["train#common_handlers"]) + 1
+    handlers = parser.get_parsed_content("train#handlers")
+    probes = [h for h in handlers if isinstance(h, FrozenFeatureProbe)]
+    assert len(probes) == 1
+    from dagman_components.handlers import TeacherEMAHandler
+    from monai.handlers import TensorBoardStatsHandler
+
+    at = {type(h): i for i, h in enumerate(handlers)}  # attached in list order: EMA, probe, TensorBoard
+    assert at[TeacherEMAHandler] < handlers.index(probes[0]) < at[TensorBoardStatsHandler]
+    probe = probes[0]
+    assert probe.network is parser.get_parsed_content("teacher") and probe.interval == 50 and probe.n_folds == 3
+    assert list(probe.roi_size) == [32, 32, 32] and list(probe.spacing) == [1.0, 1.0, 1.0]
+    assert list(probe.hu_window) == list(parser.get_parsed_content("hu_window"))
+    assert probe.probe_dir.resolve() == SAMPLE.resolve() and len(probe.items) == 24
+    assert probe.png_path == tmp_path / "runs" / "probe_auc.png"
+    assert parser.get_parsed_content("checkpoint_objects")["probe"] is probe  # the header's checkpoint recipe
