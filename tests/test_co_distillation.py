@@ -1,0 +1,259 @@
+"""Collapse diagnostics and alarm on known tensors; gradient accumulation equals the big batch; bf16 step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from conftest import TINY_ENCODER
+from ignite.engine import Engine, Events
+
+from dagman_components.engines import CoDistillationTrainer, MicroBatches, autocast_settings, optimizer_steps_per_epoch
+from dagman_components.handlers import CollapseAlarm, TeacherEMAHandler
+from dagman_components.losses import DAGMaNLoss, attention_diagnostics, distillation_diagnostics, feature_spread
+from dagman_components.masking import AttentionGuidedMasking, PatchDropout
+from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN, make_teacher
+
+K = 16
+
+
+# ---- diagnostics on known tensors
+
+
+def test_uniform_teacher_has_entropy_ln_k_and_one_hot_has_zero():
+    center = torch.zeros(1, K)
+    student = torch.zeros(3, K)  # uniform student
+    uniform = distillation_diagnostics([(student, torch.full((3, K), 0.3), None)], None, center, 0.04, 0.1)
+    assert uniform["teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert uniform["student_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert uniform["kl"] == pytest.approx(0.0, abs=1e-5)
+    one_hot = torch.zeros(3, K)
+    one_hot[:, 2] = 10.0  # 10/0.04 = 250 nats above the others: a one-hot target
+    sharp = distillation_diagnostics([(student, one_hot, None)], None, center, 0.04, 0.1)
+    assert sharp["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert sharp["kl"] == pytest.approx(math.log(K), abs=1e-4)  # CE of a uniform student against a one-hot target
+    assert math.isnan(sharp["spread"]) and sharp["center_norm"] == 0.0
+
+
+def test_a_centre_equal_to_the_teacher_logit_makes_targets_uniform():
+    t = torch.randn(4, K, generator=torch.Generator().manual_seed(0))
+    same = t[:1].expand(4, K)
+    d = distillation_diagnostics([(torch.zeros(4, K), same, None)], None, t[:1].clone(), 0.04, 0.1)
+    assert d["teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert d["center_norm"] == pytest.approx(float(t[0].norm()), rel=1e-6)
+
+
+def test_token_weights_select_masked_cells_like_the_loss():
+    teacher = torch.zeros(1, 2, K)
+    teacher[0, 0, 0] = 10.0  # cell 0: one-hot target; cell 1: uniform
+    only_first = distillation_diagnostics([(torch.zeros(1, 2, K), teacher, torch.tensor([[1.0, 0.0]]))], None,
+                                          torch.zeros(1, K), 0.04, 0.1)
+    only_second = distillation_diagnostics([(torch.zeros(1, 2, K), teacher, torch.tensor([[0.0, 1.0]]))], None,
+                                           torch.zeros(1, K), 0.04, 0.1)
+    assert only_first["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert only_second["teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+
+
+def test_feature_spread_is_one_for_axis_directions_and_zero_when_collapsed():
+    d = 8
+    eye = torch.eye(d)
+    assert feature_spread(torch.cat([eye, -eye])) == pytest.approx(1.0, abs=1e-6)  # std 1/sqrt(d) per coordinate
+    same = torch.nn.functional.normalize(torch.ones(5, d), dim=-1)
+    assert feature_spread(same) == pytest.approx(0.0, abs=1e-6)
+    assert feature_spread(eye[:1]) == 0.0  # one sample: no spread
+    assert feature_spread(torch.cat([eye, -eye]).reshape(2, d, d)) == pytest.approx(1.0, abs=1e-6)  # tokens count too
+
+
+def test_attention_diagnostics():
+    uniform = attention_diagnostics(torch.full((2, 8), 1 / 8))
+    assert uniform == pytest.approx({"entropy": math.log(8), "max": 1 / 8, "log_n": math.log(8)})
+    peaked = attention_diagnostics(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert peaked["entropy"] == pytest.approx(0.0, abs=1e-6) and peaked["max"] == 1.0
+
+
+# ---- the collapse alarm
+
+
+def _alarm_engine(values: list[dict]) -> Engine:
+    def step(engine, i):
+        return {"loss": torch.tensor(0.0), "scalars": dict(values[i])}
+
+    return Engine(step)
+
+
+def _scalars(h: float, spread: float = 0.5) -> dict:
+    return {f"{t}/{n}": v for t in ("aitd", "ampd", "gitd") for n, v in (("teacher_entropy", h), ("spread", spread))}
+
+
+def test_uniform_teacher_raises_the_alarm_after_warmup_and_patience(caplog):
+    loss = DAGMaNLoss(out_dim=K)
+    # diagnostics of a real uniform teacher: every term at ln K
+    out = {"cls_logits": torch.zeros(2, K), "global_logits": torch.zeros(2, K), "patch_logits": torch.zeros(2, 4, K)}
+    diag = loss.diagnostics((out, out), (out, out), (torch.ones(2, 4), torch.ones(2, 4)), teacher_temp=0.04)
+    assert diag["aitd/teacher_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    alarm = CollapseAlarm(num_prototypes=K, warmup_iterations=5, patience=3, terms=("aitd",))
+    engine = _alarm_engine([diag] * 12)
+    alarm.attach(engine)
+    with caplog.at_level(logging.WARNING):
+        engine.run(range(12), max_epochs=1)
+    assert engine.state.collapse_alarms == [(6, "aitd", "uniform")]  # first step after warm-up, streak >= 3
+    messages = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
+    assert len(messages) == 1 and "AITD" in messages[0] and "uniform collapse" in messages[0]
+    assert "teacher_temp" in messages[0]  # says what to try
+    assert engine.state.output["scalars"]["collapse_alarm"] == 1.0
+
+
+def test_no_alarm_below_the_threshold_or_before_patience_and_again_after_recovery(caplog):
+    ln_k = math.log(K)
+    # 0.96 ln K never alarms; 0.99 ln K for 2 < patience steps does not; then 4 steps alarm, recover, 4 again
+    seq = [_scalars(0.96 * ln_k)] * 3 + [_scalars(0.99 * ln_k)] * 2 + [_scalars(0.5)] + [_scalars(0.99 * ln_k)] * 4
+    seq += [_scalars(0.5)] + [_scalars(0.99 * ln_k)] * 4
+    alarm = CollapseAlarm(num_prototypes=K, warmup_iterations=0, patience=3, terms=("gitd",))
+    engine = _alarm_engine(seq)
+    alarm.attach(engine)
+    with caplog.at_level(logging.WARNING):
+        engine.run(range(len(seq)), max_epochs=1)
+    assert engine.state.collapse_alarms == [(9, "gitd", "uniform"), (14, "gitd", "uniform")]
+
+
+def test_feature_collapse_alarm_names_the_term():
+    seq = [_scalars(1.0, spread=0.01)] * 4
+    alarm = CollapseAlarm(num_prototypes=K, warmup_iterations=0, patience=2, min_spread=0.05, terms=("ampd",))
+    engine = _alarm_engine(seq)
+    alarm.attach(engine)
+    engine.run(range(4), max_epochs=1)
+    assert engine.state.collapse_alarms == [(2, "ampd", "feature")]
+    assert "AMPD: feature collapse" in alarm.message("ampd", "feature", seq[0], 2)
+
+
+def test_alarm_rejects_bad_settings():
+    with pytest.raises(ValueError, match="entropy_ratio"):
+        CollapseAlarm(num_prototypes=K, entropy_ratio=1.5)
+    with pytest.raises(ValueError, match="unknown term"):
+        CollapseAlarm(num_prototypes=K, terms=("amip",))
+
+
+# ---- one optimizer step: accumulation and bf16
+
+
+def _networks(seed: int = 0):
+    torch.manual_seed(seed)
+    enc = SwinDAGMaN(**TINY_ENCODER, sa_stage=2, drop_path_rate=0.0)
+    student = DAGMaNPretrainNetwork(enc, out_dim=K, hidden_dim=16, bottleneck_dim=8)
+    return student, make_teacher(student)
+
+
+def _batches(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.rand(1, 1, 32, 32, 32, generator=g), "image_2": torch.rand(1, 1, 32, 32, 32, generator=g)}
+            for _ in range(n)]
+
+
+def _cat(batches: list[dict]) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _train(loader, accumulate_steps: int, student, teacher, amp: bool = False, max_epochs: int = 1,
+           freeze_last_layer_iterations: int = 0, lr: float = 0.5):
+    """Train with plain SGD (the update is -lr * gradient, so updates compare exactly) and an EMA handler."""
+    loss = DAGMaNLoss(out_dim=K)
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr)
+    trainer = CoDistillationTrainer(
+        device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=student, teacher=teacher,
+        optimizer=optimizer, loss_function=loss, masking=AttentionGuidedMasking("attention_high"),
+        patch_dropout=PatchDropout(0.0), accumulate_steps=accumulate_steps, amp=amp, amp_dtype="bfloat16",
+        freeze_last_layer_iterations=freeze_last_layer_iterations, warmup_teacher_temp=0.04, teacher_temp=0.07,
+        warmup_teacher_temp_iterations=3, train_handlers=[TeacherEMAHandler(teacher, base_momentum=0.9)], seed=0,
+    )
+    steps = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(
+        (e.state.iteration, e.state.teacher_temp, e.state.teacher_momentum)))
+    trainer.run()
+    return trainer, loss, steps
+
+
+def test_accumulated_micro_batches_give_the_update_of_one_big_batch():
+    batches = _batches(4)
+    s_big, t_big = _networks()
+    s_acc, t_acc = copy.deepcopy(s_big), copy.deepcopy(t_big)
+    init_student = copy.deepcopy(s_big)
+    init_teacher = copy.deepcopy(t_big)
+    big, loss_big, steps_big = _train([_cat(batches)], 1, s_big, t_big)
+    acc, loss_acc, steps_acc = _train(batches, 4, s_acc, t_acc)
+    # one optimizer step each: the schedules and the EMA advanced once
+    assert big.state.iteration == acc.state.iteration == 1 and big.state.epoch_length == acc.state.epoch_length == 1
+    assert steps_big == steps_acc
+    assert steps_acc[0][1] == pytest.approx(0.04)  # first step of the temperature warm-up
+    for (name, a), b in zip(s_acc.state_dict().items(), s_big.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    moved = [n for (n, a), b in zip(s_acc.state_dict().items(), init_student.state_dict().values()) if not torch.equal(a, b)]
+    assert len(moved) > 50  # the step did change the student
+    # the teacher was updated exactly once: t = m*t0 + (1-m)*s1 with m = 0.9 at iteration 0
+    for (name, t), t0 in zip(t_acc.named_parameters(), init_teacher.parameters()):
+        s1 = dict(s_acc.named_parameters())[name]
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s1, atol=1e-6), name
+    # the centres moved once, from the mean over all micro-batches
+    for name in ("cls_ce.center", "patch_ce.center", "global_ce.center"):
+        assert torch.allclose(loss_acc.state_dict()[name], loss_big.state_dict()[name], atol=1e-6), name
+        assert loss_acc.state_dict()[name].abs().sum() > 0
+    assert acc.state.output["loss"].item() == pytest.approx(big.state.output["loss"].item(), rel=1e-5)
+
+
+def test_schedules_and_last_layer_freezing_count_optimizer_steps():
+    student, teacher = _networks()
+    protos = [p.detach().clone() for h in student.projection_heads() for p in h.last_layer_parameters()]
+    trainer, _, steps = _train(_batches(6), 2, student, teacher, max_epochs=2, freeze_last_layer_iterations=3)
+    assert trainer.state.epoch_length == 3 and [s[0] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert [round(s[1], 4) for s in steps] == [0.04, 0.055, 0.07, 0.07, 0.07, 0.07]  # warm-up over 3 steps
+    momenta = [s[2] for s in steps]
+    assert momenta[0] == pytest.approx(0.9) and momenta == sorted(momenta)  # cosine over the 6 steps
+    after = [p.detach() for h in student.projection_heads() for p in h.last_layer_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after, protos))  # learned from step 4 on
+
+
+def test_last_layer_is_frozen_during_its_iterations():
+    student, teacher = _networks()
+    protos = [p.detach().clone() for h in student.projection_heads() for p in h.last_layer_parameters()]
+    _train(_batches(2), 1, student, teacher, freeze_last_layer_iterations=2)
+    after = [p.detach() for h in student.projection_heads() for p in h.last_layer_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, protos))
+
+
+def test_micro_batches_group_the_loader_and_explain_a_too_short_loader():
+    groups = list(MicroBatches(list(range(7)), 3))
+    assert groups == [[0, 1, 2], [3, 4, 5]] and len(MicroBatches(list(range(7)), 3)) == 2  # the rest is dropped
+    assert optimizer_steps_per_epoch(list(range(7)), 3) == 2
+    with pytest.raises(ValueError, match="accumulate_steps=4.*batch_size"):
+        optimizer_steps_per_epoch([0, 1], 4)
+
+
+def test_bf16_step_is_finite_and_close_to_the_fp32_step():
+    batches = _batches(1)  # one step from the same weights (a second would start from different weights)
+    s32, t32 = _networks()
+    s16, t16 = copy.deepcopy(s32), copy.deepcopy(t32)
+    init = {k: v.clone() for k, v in s32.state_dict().items()}
+    fp32, _, _ = _train(batches, 1, s32, t32, lr=1e-2)
+    bf16, _, _ = _train(batches, 1, s16, t16, amp=True, lr=1e-2)
+    assert bf16.amp and bf16.amp_dtype == torch.bfloat16 and not fp32.amp
+    a, b = fp32.state.output["scalars"], bf16.state.output["scalars"]
+    for term in ("loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd", "aitd/teacher_entropy"):
+        assert math.isfinite(b[term])
+        # bf16 rounds the backbone's activations; at tau_t = 0.04 that moves a sharp target's entropy by a few %
+        assert b[term] == pytest.approx(a[term], rel=0.05 if "entropy" in term else 0.02, abs=1e-3), term
+    d32 = torch.cat([(v - init[k]).flatten() for k, v in s32.state_dict().items() if v.is_floating_point()])
+    d16 = torch.cat([(v - init[k]).flatten() for k, v in s16.state_dict().items() if v.is_floating_point()])
+    assert torch.isfinite(d16).all() and d16.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.98  # same direction of the whole update
+
+
+def test_autocast_settings():
+    assert autocast_settings(torch.device("cpu"), False) == (False, torch.bfloat16)
+    assert autocast_settings(torch.device("cpu"), True, "bfloat16") == (True, torch.bfloat16)
+    assert autocast_settings(torch.device("cuda"), True) == (True, torch.float16)
+    with pytest.raises(ValueError, match="CUDA"):
+        autocast_settings(torch.device("cpu"), True, "float16")
+    with pytest.raises(ValueError, match="amp_dtype"):
+        autocast_settings(torch.device("cpu"), True, "int8")
