@@ -13,7 +13,13 @@ own ``bundle_root`` (``<output>/<variant>``), then evaluated:
 - ``organ_clustering``: the clustering components' frozen-feature kNN accuracy, silhouette and
   k-means NMI/ARI with a UMAP plot;
 - ``head_diversity``: attention-head diversity per Swin stage (JSON + box plots);
-- ``attention_overlay``: the SA [CLS] attention on CT slices (PNG).
+- ``attention_overlay``: the SA [CLS] attention on CT slices (PNG);
+- ``attention_in_mask``: for the labelled nodule crops with masks (``mask/`` beside ``image/``), the
+  share of the [CLS] attention S_ATT inside the nodule mask against the mask's share of the volume.
+
+Seeds: run the script once per ``--seed`` into its own ``--output`` (the nodule folds stay fixed by
+``--split_seed``), then ``--summarise OUT_SEED0 OUT_SEED1 ...`` writes one table of mean +/- std over
+the seeds (``--output``/``results_seeds.md``, ``.json`` and ``.png``).
 
 Every finished step is stored at once (atomically) in ``<output>/results.json``; a rerun skips
 finished steps, and an interrupted pretraining resumes from its ``models/checkpoint.pt`` (the
@@ -55,7 +61,7 @@ BUNDLE = REPO / "bundles" / "dagman_ct_pretraining"
 VARIANTS_DIR = BUNDLE / "configs" / "variants"
 BASELINE = "dagman"
 NO_PRETRAINING = "random_init"
-STEPS = ("pretrain", "nodule_lp", "organ_clustering", "head_diversity", "attention_overlay")
+STEPS = ("pretrain", "nodule_lp", "organ_clustering", "head_diversity", "attention_overlay", "attention_in_mask")
 
 
 class SettingsMismatchError(ValueError):
@@ -77,9 +83,12 @@ def parse_value(text: str) -> Any:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ct_dir", required=True, help="unlabelled CT: a folder of volumes or a JSON datalist (pretraining)")
-    p.add_argument("--nodules", required=True, help="folder with nodules.csv and image/ (LIDC layout)")
-    p.add_argument("--organs", required=True, help="organ crops npz in organmnist3d layout")
+    p.add_argument("--ct_dir", help="unlabelled CT: a folder of volumes or a JSON datalist (pretraining)")
+    p.add_argument("--nodules", help="folder with nodules.csv, image/ and (for attention_in_mask) mask/ (LIDC layout)")
+    p.add_argument("--organs", help="organ crops npz in organmnist3d layout")
+    p.add_argument("--summarise", nargs="+", type=Path, metavar="OUT",
+                   help="only combine the table.json of these per-seed outputs into --output/results_seeds.*")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the nodule probe's patient-grouped folds")
     p.add_argument("--output", required=True, type=Path, help="output folder (one bundle_root per variant)")
     p.add_argument("--variants", nargs="+", default=[NO_PRETRAINING, BASELINE, "smit"], help="see --list")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
@@ -109,7 +118,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": {k: v for k, v in (s.split("=", 1) for s in args.set)},
         "max_epochs": args.max_epochs,
         "seed": args.seed,
-        "lp": {"token": args.lp_token, "folds": args.lp_folds},
+        "lp": {"token": args.lp_token, "folds": args.lp_folds, "split_seed": args.split_seed},
         "organ_token": args.organ_token,
         "diversity_volumes": args.diversity_volumes,
         "diversity_roi": args.diversity_roi,
@@ -264,7 +273,8 @@ def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) ->
     """Linear probe of nodule malignancy on frozen features."""
     data = nodule_images(args.nodules, args.output / "cache" / "nodules.pt")
     x = encode(_encoder(run_dir, args), data["images"], args.lp_token)
-    return {**linear_probe_auc(x, data["labels"], data["patients"], args.lp_folds, args.seed), "token": args.lp_token}
+    return {**linear_probe_auc(x, data["labels"], data["patients"], args.lp_folds, args.split_seed),
+            "token": args.lp_token}
 
 
 def evaluate_organ_clustering(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -303,6 +313,20 @@ def evaluate_attention_overlay(variant: str, run_dir: Path, args: argparse.Names
                                     roi_size=roi, max_volumes=args.diversity_volumes, device=args.device)
 
 
+def evaluate_attention_in_mask(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Share of the [CLS] attention inside each labelled nodule's mask, against the mask's share."""
+    import dagman_components.classification as nc
+    from dagman_components.metrics.attention_in_mask import attention_in_mask_report
+
+    nodules = Path(args.nodules)
+    items = nc.read_nodule_table(nodules / "nodules.csv", image_dir=nodules / "image")
+    items = [{**it, "mask": str(nodules / "mask" / Path(it["image"]).name)} for it in items
+             if (nodules / "mask" / Path(it["image"]).name).is_file()]
+    rep = attention_in_mask_report(_encoder(run_dir, args), items, device=args.device)
+    atomic_write_text(json.dumps(rep), run_dir / "attention_in_mask.json")
+    return {k: v for k, v in rep.items() if k not in ("ids", "mass_inside", "mask_share")}
+
+
 #: Step name -> function(variant, run_dir, args) -> JSON-able dict. Looked up at call time (tests stub them).
 STEP_FUNCTIONS: dict[str, Callable[[str, Path, argparse.Namespace], dict]] = {
     "pretrain": pretrain_variant,
@@ -310,6 +334,7 @@ STEP_FUNCTIONS: dict[str, Callable[[str, Path, argparse.Namespace], dict]] = {
     "organ_clustering": evaluate_organ_clustering,
     "head_diversity": evaluate_head_diversity,
     "attention_overlay": evaluate_attention_overlay,
+    "attention_in_mask": evaluate_attention_in_mask,
 }
 
 
@@ -325,19 +350,26 @@ def _fmt(value: Any, std: Any = None, digits: int = 3) -> str:
 def table_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]], dict[str, dict[str, Any]]]:
     """The variant x metric table: header, Markdown cells and the raw numbers."""
     stages = sorted({s for r in results["runs"].values() for s in (r.get("head_diversity") or {}) if s.startswith("stage")})
-    header = ["variant", "pretrain (s)", "final loss", "nodule LP AUC", "organ kNN acc", "organ silhouette", "organ NMI"]
+    header = ["variant", "pretrain (s)", "final loss", "nodule LP AUC", "organ kNN acc", "organ silhouette", "organ NMI",
+              "S_ATT in nodule / nodule share"]
     header += [f"{s} dist. entropy (bits)" for s in stages]
     rows, numbers = [], {}
     for variant, r in results["runs"].items():
-        pre, lp, org, div = (r.get(k) or {} for k in ("pretrain", "nodule_lp", "organ_clustering", "head_diversity"))
-        loss = (pre.get("final_loss_last10pct") or {}).get("loss")
+        pre, lp, org, div, att = (r.get(k) or {} for k in ("pretrain", "nodule_lp", "organ_clustering", "head_diversity",
+                                                           "attention_in_mask"))
+        last = pre.get("final_loss_last10pct") or {}
+        loss = last.get("loss")
         num = {"pretrain_seconds": pre.get("seconds"), "final_loss": loss, "nodule_lp_auc": lp.get("auc_mean"),
                "nodule_lp_auc_std": lp.get("auc_std"), "organ_knn_accuracy": org.get("knn_accuracy"),
-               "organ_silhouette": org.get("silhouette"), "organ_nmi": org.get("nmi")}
+               "organ_silhouette": org.get("silhouette"), "organ_nmi": org.get("nmi"),
+               "satt_mass_in_nodule": att.get("mean_mass_inside"), "nodule_share": att.get("mean_mask_share"),
+               "satt_in_nodule_ratio": att.get("mean_ratio"),
+               **{f"final_{k}": v for k, v in last.items() if k in ("loss_aitd", "loss_ampd", "loss_gitd")}}
         num.update({f"{s}_distance_entropy_bits": (div.get(s) or {}).get("entropy_mean") for s in stages})
         numbers[variant] = num
         cells = [variant, _fmt(pre.get("seconds"), digits=0), _fmt(loss), _fmt(lp.get("auc_mean"), lp.get("auc_std")),
-                 _fmt(org.get("knn_accuracy")), _fmt(org.get("silhouette")), _fmt(org.get("nmi"))]
+                 _fmt(org.get("knn_accuracy")), _fmt(org.get("silhouette")), _fmt(org.get("nmi")),
+                 _fmt(att.get("mean_ratio"))]
         cells += [_fmt((div.get(s) or {}).get("entropy_mean"), (div.get(s) or {}).get("entropy_std")) for s in stages]
         rows.append(cells)
     return header, rows, numbers
@@ -405,12 +437,67 @@ def plot_results(numbers: Mapping[str, Mapping[str, Any]], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def summarise_seeds(outputs: Sequence[Path], out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, standard deviation and count over per-seed outputs of every number in their ``table.json``.
+
+    Args:
+        outputs: the ``--output`` folders of runs that differ only in ``--seed``.
+        out: where ``results_seeds.json``, ``results_seeds.md`` and ``results_seeds.png`` go.
+
+    Returns:
+        ``variant -> metric -> {"mean", "std", "n"}``.
+
+    Raises:
+        FileNotFoundError: when an output has no ``table.json``.
+    """
+    tables = []
+    for folder in outputs:
+        path = Path(folder) / "table.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run the comparison into {folder} first.")
+        tables.append(json.loads(path.read_text()))
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for variant in dict.fromkeys(v for t in tables for v in t):
+        metrics = dict.fromkeys(k for t in tables for k in t.get(variant, {}))
+        for metric in metrics:
+            vals = [t[variant][metric] for t in tables if t.get(variant, {}).get(metric) is not None]
+            if vals:
+                summary.setdefault(variant, {})[metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                                                          "n": len(vals)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(summary, indent=2), out / "results_seeds.json")
+    cols = [("nodule_lp_auc", "nodule LP AUC"), ("organ_knn_accuracy", "organ kNN acc"),
+            ("organ_silhouette", "organ silhouette"), ("satt_in_nodule_ratio", "S_ATT in nodule / nodule share"),
+            ("final_loss_aitd", "final AITD"), ("final_loss_gitd", "final GITD"), ("final_loss_ampd", "final AMPD")]
+    cols += sorted({(k, k.replace("_distance_entropy_bits", " dist. entropy (bits)")) for m in summary.values() for k in m
+                    if k.endswith("_distance_entropy_bits")})
+    lines = ["| variant | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for variant, m in summary.items():
+        n = max((v["n"] for v in m.values()), default=0)
+        cells = [_fmt(m[k]["mean"], m[k]["std"]) if k in m else "–" for k, _ in cols]
+        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    atomic_write_text("Mean ± standard deviation over seeds.\n\n" + "\n".join(lines) + "\n", out / "results_seeds.md")
+    try:
+        plot_results({v: {k: s["mean"] for k, s in m.items()} for v, m in summary.items()}, out / "results_seeds.png")
+    except Exception as e:  # a figure must never lose the numbers
+        logger.warning("results_seeds.png not written: %s", e)
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     if args.list:
         print("\n".join(available_variants()))
         return 0
+    if args.summarise:
+        summarise_seeds(args.summarise, args.output.resolve())
+        logger.info("table: %s", args.output / "results_seeds.md")
+        return 0
+    missing = [f"--{k}" for k in ("ct_dir", "nodules", "organs") if getattr(args, k) is None]
+    if missing:
+        logger.error("missing %s (needed unless --summarise)", ", ".join(missing))
+        return 2
     for v in args.variants:
         variant_config_files(v, args.base_configs)  # unknown names fail before any work
     args.output = args.output.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import logging
 import math
 
@@ -257,3 +258,73 @@ def test_autocast_settings():
         autocast_settings(torch.device("cpu"), True, "float16")
     with pytest.raises(ValueError, match="amp_dtype"):
         autocast_settings(torch.device("cpu"), True, "int8")
+
+
+# ---- KoLeo and the attention-in-mask measure
+
+
+def test_koleo_on_known_points():
+    from dagman_components.losses import koleo_loss
+
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # nearest neighbour at sqrt(2)
+    assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    pair = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # identical: the loss is large
+    assert koleo_loss(pair).item() > 15
+    assert koleo_loss(square[:1]).item() == 0.0
+    z = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    z.requires_grad_(True)
+    koleo_loss(z).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_koleo_weight_enters_the_total_only_when_set():
+    student, teacher = _networks()
+    x = torch.rand(4, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    s, t = student(x), teacher(x)
+    su, sv = ({k: v[:2] if torch.is_tensor(v) and v.ndim and k != "sa_grid" else v for k, v in s.items()},
+              {k: v[2:] if torch.is_tensor(v) and v.ndim and k != "sa_grid" else v for k, v in s.items()})
+    tu, tv = ({k: v[:2] if torch.is_tensor(v) and v.ndim and k != "sa_grid" else v for k, v in t.items()},
+              {k: v[2:] if torch.is_tensor(v) and v.ndim and k != "sa_grid" else v for k, v in t.items()})
+    n = su["patch_logits"].shape[1]
+    masks = (torch.ones(2, n), torch.ones(2, n))
+    vox = (torch.ones(2, 32, 32, 32), torch.ones(2, 32, 32, 32))
+    args = dict(student=(su, sv), teacher=(tu, tv), cell_masks=masks, voxel_masks=vox, images=(x[:2], x[2:]),
+                teacher_temp=0.04)
+    total0, parts = DAGMaNLoss(K)(**args)
+    total1, _ = DAGMaNLoss(K, weights={"koleo": 0.5})(**args)
+    assert parts["koleo"] != 0
+    assert total1.item() == pytest.approx(total0.item() + 0.5 * parts["koleo"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        DAGMaNLoss(K, weights={"kolo": 1.0})
+
+
+def test_attention_mass_in_mask():
+    from dagman_components.metrics.attention_in_mask import attention_mass_in_mask
+
+    masks = torch.zeros(2, 1, 4, 4, 4)
+    masks[:, :, :2, :2, :2] = 1  # the first of 8 cells of 2^3 voxels
+    uniform = torch.full((2, 8), 1 / 8)
+    peaked = torch.zeros(2, 8)
+    peaked[:, 0] = 1.0
+    inside, share = attention_mass_in_mask(uniform, (2, 2, 2), 2, masks)
+    assert inside.tolist() == pytest.approx([0.125, 0.125]) and share.tolist() == pytest.approx([0.125, 0.125])
+    inside, _ = attention_mass_in_mask(peaked, (2, 2, 2), 2, masks)
+    assert inside.tolist() == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="do not match"):
+        attention_mass_in_mask(uniform, (2, 2, 2), 4, masks)
+
+
+def test_attention_in_mask_report_on_shipped_crops_is_near_chance_for_a_random_encoder():
+    from conftest import DATA
+
+    from dagman_components.classification import read_nodule_table
+    from dagman_components.metrics.attention_in_mask import attention_in_mask_report
+
+    folder = DATA / "lidc_nodules_sample"
+    items = read_nodule_table(folder / "nodules.csv", image_dir=folder / "image")[:6]
+    items = [{**it, "mask": str(folder / "mask" / Path(it["image"]).name)} for it in items]
+    torch.manual_seed(0)
+    rep = attention_in_mask_report(SwinDAGMaN(**TINY_ENCODER, sa_stage=2), items)
+    assert 1 <= rep["cases"] <= 6 and len(rep["mass_inside"]) == rep["cases"]
+    assert all(0.0 <= m <= 1.0 for m in rep["mass_inside"]) and all(0.0 < s < 1.0 for s in rep["mask_share"])
+    assert 0.8 < rep["mean_ratio"] < 1.25  # an untrained [CLS] spreads its attention: about chance

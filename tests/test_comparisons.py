@@ -212,7 +212,8 @@ def test_compare_resumes_where_it_stopped(compare, tmp_path, monkeypatch):
                      "nodule_lp": {"auc_mean": 0.75, "auc_std": 0.05},
                      "organ_clustering": {"knn_accuracy": 0.5, "silhouette": 0.1, "nmi": 0.3},
                      "head_diversity": {"stage1": {"entropy_mean": 3.0, "entropy_std": 0.1}},
-                     "attention_overlay": {"png": "x.png"}}[step]
+                     "attention_overlay": {"png": "x.png"},
+                     "attention_in_mask": {"mean_ratio": 1.5, "mean_mass_inside": 0.3, "mean_mask_share": 0.2}}[step]
             return value
 
         return run
@@ -223,7 +224,7 @@ def test_compare_resumes_where_it_stopped(compare, tmp_path, monkeypatch):
             "--output", str(tmp_path / "out"), "--variants", "random_init", "dagman", "smit", "--max_epochs", "3"]
     assert compare.main(argv) == 1
     first = list(calls)
-    assert len(first) == 3 * 5 and "smit/nodule_lp" in first
+    assert len(first) == 3 * len(compare.STEPS) and "smit/nodule_lp" in first
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "nodule_lp" not in saved["runs"]["smit"] and "head_diversity" in saved["runs"]["smit"]
     broken.clear()
@@ -239,6 +240,22 @@ def test_compare_resumes_where_it_stopped(compare, tmp_path, monkeypatch):
         compare.main(argv[:-1] + ["4"])
     with pytest.raises(ValueError, match="unknown variant"):
         compare.main(argv[:-6] + ["--variants", "nope"])
+
+
+def test_summarise_seeds_gives_mean_and_std(compare, tmp_path):
+    for seed, (auc, ratio) in enumerate(((0.70, 1.0), (0.80, 2.0), (0.75, None))):
+        out = tmp_path / f"seed{seed}"
+        out.mkdir()
+        (out / "table.json").write_text(json.dumps({"dagman": {"nodule_lp_auc": auc, "satt_in_nodule_ratio": ratio}}))
+    assert compare.main(["--summarise", *(str(tmp_path / f"seed{k}") for k in range(3)), "--output",
+                         str(tmp_path / "all")]) == 0
+    summary = json.loads((tmp_path / "all" / "results_seeds.json").read_text())
+    auc = summary["dagman"]["nodule_lp_auc"]
+    assert auc["n"] == 3 and auc["mean"] == pytest.approx(0.75) and auc["std"] == pytest.approx(np.std([0.7, 0.8, 0.75]))
+    assert summary["dagman"]["satt_in_nodule_ratio"] == {"mean": 1.5, "std": 0.5, "n": 2}  # a missing value is left out
+    assert "0.750 ± 0.041" in (tmp_path / "all" / "results_seeds.md").read_text()
+    with pytest.raises(FileNotFoundError, match="table.json"):
+        compare.summarise_seeds([tmp_path / "nope"], tmp_path / "x")
 
 
 def test_compare_pretraining_failure_skips_the_variants_evaluations(compare, tmp_path, monkeypatch):

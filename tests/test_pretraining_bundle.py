@@ -92,9 +92,9 @@ def test_run_writes_checkpoint_weights_logs_and_plot(trained):
     rows = (trained / "runs" / "loss_curves.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert header[:6] == ["iteration", "loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd"] and len(rows) == 5
-    from dagman_components.handlers.monitoring import DIAGNOSTIC_KEYS
+    from dagman_components.handlers.monitoring import DIAGNOSTIC_KEYS, LOSS_KEYS
 
-    assert header[6:] == list(DIAGNOSTIC_KEYS)
+    assert header[1:] == list(LOSS_KEYS + DIAGNOSTIC_KEYS)
     last = dict(zip(header, map(float, rows[-1].split(","))))
     assert 0.0 <= last["aitd/teacher_entropy"] <= np.log(64) + 1e-4  # K = 64 in TINY
     assert last["satt/log_n"] == pytest.approx(np.log(8))  # ROI 32, SA after stage 3 (stride 16): 2^3 cells

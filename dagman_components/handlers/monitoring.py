@@ -70,7 +70,7 @@ class DataWaitTimer:
 
 
 #: The loss series the curves record by default.
-LOSS_KEYS = ("loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd")
+LOSS_KEYS = ("loss", "loss_amip", "loss_ampd", "loss_aitd", "loss_gitd", "loss_koleo")
 #: The collapse diagnostics the curves record by default (see dagman_components.losses.diagnostics).
 DIAGNOSTIC_KEYS = tuple(f"{t}/{n}" for t in ("aitd", "ampd", "gitd") for n in DIAGNOSTIC_NAMES) + (
     "satt/entropy", "satt/max", "satt/log_n", "collapse_alarm")

@@ -7,4 +7,11 @@ from dagman_components.losses.diagnostics import (
     entropy,
     feature_spread,
 )
-from dagman_components.losses.distillation import LOSS_TERMS, DAGMaNLoss, DistillationCrossEntropy, masked_l1
+from dagman_components.losses.distillation import (
+    LOSS_TERMS,
+    REGULARISERS,
+    DAGMaNLoss,
+    DistillationCrossEntropy,
+    koleo_loss,
+    masked_l1,
+)

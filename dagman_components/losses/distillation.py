@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from dagman_components.losses.diagnostics import attention_diagnostics, distillation_diagnostics, prefixed
 
-__all__ = ["DistillationCrossEntropy", "masked_l1", "DAGMaNLoss", "LOSS_TERMS"]
+__all__ = ["DistillationCrossEntropy", "masked_l1", "koleo_loss", "DAGMaNLoss", "LOSS_TERMS", "REGULARISERS"]
 
-#: Names of the four loss terms, in the order they are logged.
+#: Names of the four loss terms of the method, in the order they are logged.
 LOSS_TERMS = ("amip", "ampd", "aitd", "gitd")
+#: Optional terms outside the paper (weight 0 by default), logged after the four.
+REGULARISERS = ("koleo",)
 
 
 class DistillationCrossEntropy(nn.Module):
@@ -81,8 +83,35 @@ def _cat_optional(a: dict, b: dict, key: str) -> torch.Tensor | None:
     return torch.cat([a[key], b[key]]) if key in a and key in b else None
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimator as a loss (DINOv2's KoLeo regulariser):
+    ``-mean_i log(min_{j != i} ||z_i - z_j||)`` over the rows of L2-normalised ``features``.
+
+    Minimising it pushes each sample away from its nearest neighbour in the batch, so that the
+    features spread over the sphere instead of collapsing onto one point.
+
+    Args:
+        features: (B, d) L2-normalised features of B different images (one view each).
+        eps: added to the distance inside the log.
+
+    Returns:
+        The loss (0 for fewer than two rows).
+    """
+    z = features.float()
+    if z.shape[0] < 2:
+        return z.sum() * 0.0
+    dist = torch.cdist(z, z)
+    dist = dist + torch.eye(z.shape[0], device=z.device, dtype=z.dtype) * 1e4  # never one's own neighbour
+    return -torch.log(dist.min(dim=1).values + eps).mean()
+
+
 class DAGMaNLoss(nn.Module):
-    """``total = w_amip*AMIP + w_ampd*AMPD + w_aitd*AITD + w_gitd*GITD`` (weights 1, 0.1, 0.1, 0.1).
+    """``total = w_amip*AMIP + w_ampd*AMPD + w_aitd*AITD + w_gitd*GITD`` (weights 1, 0.1, 0.1, 0.1),
+    plus ``w_koleo*KoLeo`` when that weight is set (0 by default: not part of the paper).
+
+    KoLeo (:func:`koleo_loss`) acts on the student's L2-normalised [CLS] and global bottleneck
+    features, within each view across the batch (the two views of one volume are never compared),
+    averaged over the two tokens and views; it is logged as ``koleo`` whatever its weight.
 
     Takes the student's and teacher's outputs for both views (dicts as returned by
     :class:`~dagman_components.networks.DAGMaNPretrainNetwork`) and the masks; returns the total and
@@ -98,7 +127,7 @@ class DAGMaNLoss(nn.Module):
         ValueError: for an unknown term name or a negative weight.
     """
 
-    default_weights = {"amip": 1.0, "ampd": 0.1, "aitd": 0.1, "gitd": 0.1}
+    default_weights = {"amip": 1.0, "ampd": 0.1, "aitd": 0.1, "gitd": 0.1, "koleo": 0.0}
 
     def __init__(
         self,
@@ -108,9 +137,9 @@ class DAGMaNLoss(nn.Module):
         center_momentum: float = 0.9,
     ) -> None:
         super().__init__()
-        unknown = set(weights or {}) - set(LOSS_TERMS)
+        unknown = set(weights or {}) - set(LOSS_TERMS + REGULARISERS)
         if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; valid: {list(LOSS_TERMS)}.")
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; valid: {list(LOSS_TERMS + REGULARISERS)}.")
         self.out_dim = int(out_dim)
         self.weights = {**self.default_weights, **(weights or {})}
         if any(w < 0 for w in self.weights.values()):
@@ -139,7 +168,7 @@ class DAGMaNLoss(nn.Module):
             teacher_temp: tau_t for this epoch.
 
         Returns:
-            ``(total, parts)`` with ``parts`` keyed by :data:`LOSS_TERMS` (detached).
+            ``(total, parts)`` with ``parts`` keyed by :data:`LOSS_TERMS` and :data:`REGULARISERS` (detached).
         """
         (su, sv), (tu, tv) = student, teacher
         parts: dict[str, torch.Tensor] = {}
@@ -167,8 +196,13 @@ class DAGMaNLoss(nn.Module):
             )
         else:
             parts["amip"] = torch.zeros((), device=parts["aitd"].device)
-        total = sum(self.weights[k] * parts[k] for k in LOSS_TERMS if self.weights[k] > 0)
-        return total, {k: parts[k].detach() for k in LOSS_TERMS}  # type: ignore[return-value]
+        if "cls_embedding" in su:
+            parts["koleo"] = 0.25 * sum(koleo_loss(s[f"{key}_embedding"]) for s in (su, sv) for key in ("cls", "global"))
+        else:
+            parts["koleo"] = torch.zeros((), device=parts["aitd"].device)
+        terms = LOSS_TERMS + REGULARISERS
+        total = sum(self.weights[k] * parts[k] for k in terms if self.weights[k] > 0)
+        return total, {k: parts[k].detach() for k in terms}  # type: ignore[return-value]
 
     @torch.no_grad()
     def diagnostics(
