@@ -130,6 +130,26 @@ def test_feature_collapse_alarm_names_the_term():
     assert "AMPD: feature collapse" in alarm.message("ampd", "feature", seq[0], 2)
 
 
+def test_one_hot_collapse_is_seen_in_the_batch_entropy(caplog):
+    same = torch.zeros(4, K)
+    same[:, 3] = 10.0  # every image gets prototype 3: per-image and batch entropy 0
+    diverse = torch.zeros(4, K)
+    diverse[torch.arange(4), torch.arange(4)] = 10.0  # sharp but different: batch entropy ln 4
+    d_same = distillation_diagnostics([(torch.zeros(4, K), same, None)], None, torch.zeros(1, K), 0.04, 0.1)
+    d_div = distillation_diagnostics([(torch.zeros(4, K), diverse, None)], None, torch.zeros(1, K), 0.04, 0.1)
+    assert d_same["batch_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert d_div["batch_entropy"] == pytest.approx(math.log(4), abs=1e-5) and d_div["teacher_entropy"] < 1e-6
+    seq = [{"aitd/teacher_entropy": 0.0, "aitd/spread": 0.5, "aitd/batch_entropy": d["batch_entropy"]}
+           for d in (d_div, d_div, d_same, d_same, d_same)]
+    alarm = CollapseAlarm(num_prototypes=K, warmup_iterations=0, patience=2, terms=("aitd",))
+    engine = _alarm_engine(seq)
+    alarm.attach(engine)
+    with caplog.at_level(logging.WARNING):
+        engine.run(range(5), max_epochs=1)
+    assert engine.state.collapse_alarms == [(4, "aitd", "one_hot")]
+    assert "one-hot collapse" in caplog.text and "higher teacher temperature" in caplog.text
+
+
 def test_alarm_rejects_bad_settings():
     with pytest.raises(ValueError, match="entropy_ratio"):
         CollapseAlarm(num_prototypes=K, entropy_ratio=1.5)

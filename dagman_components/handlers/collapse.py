@@ -13,6 +13,11 @@ __all__ = ["CollapseAlarm", "DISTILLATION_TERMS"]
 #: The distillation terms the trainer reports diagnostics for, with what each one distils.
 DISTILLATION_TERMS = {"aitd": "[CLS] token", "ampd": "SA patch tokens", "gitd": "global token"}
 
+_ONE_HOT_ADVICE = (
+    "Try, one at a time: a higher teacher temperature (teacher_temp), a higher teacher momentum (base_momentum), "
+    "a lower learning rate, or a KoLeo weight (loss_weights.koleo) to spread the features. "
+    "See 'Collapse diagnostics and alarm' in the bundle README."
+)
 _ADVICE = (
     "Try, one at a time: a lower teacher temperature (teacher_temp / warmup_teacher_temp, e.g. 0.04 -> 0.02), "
     "fewer prototypes (head_out_dim), a lower learning rate or a longer warm-up, a lower start of the "
@@ -31,7 +36,9 @@ class CollapseAlarm:
     - its teacher-target entropy stays above ``entropy_ratio * ln K`` (uniform collapse: the centred,
       sharpened targets are flat), or
     - the spread of its teacher bottleneck features (``<term>/spread``, 1 = spread over the sphere,
-      0 = identical) stays below ``min_spread`` (feature collapse).
+      0 = identical) stays below ``min_spread`` (feature collapse), or
+    - the entropy of its batch-averaged target (``<term>/batch_entropy``) stays below
+      ``min_batch_entropy_ratio * ln K`` (one-hot collapse: every image is sent to the same few prototypes).
 
     Each episode is reported once, when it starts (a term that recovers and collapses again is
     reported again), with what collapsed, the values and what to try. ``engine.state.collapse_alarms``
@@ -43,6 +50,7 @@ class CollapseAlarm:
         warmup_iterations: steps before the alarm looks (the early phase is noisy by nature).
         entropy_ratio: alarm above this share of ln K (0.97).
         min_spread: alarm below this feature spread.
+        min_batch_entropy_ratio: alarm when the batch-averaged target's entropy is below this share of ln K.
         patience: consecutive steps the condition must hold.
         terms: the terms watched (those with a zero loss weight can be left out).
 
@@ -51,7 +59,7 @@ class CollapseAlarm:
     """
 
     def __init__(self, num_prototypes: int, warmup_iterations: int = 100, entropy_ratio: float = 0.97,
-                 min_spread: float = 0.05, patience: int = 20, terms: Sequence[str] = tuple(DISTILLATION_TERMS)) -> None:
+                 min_spread: float = 0.05, patience: int = 20, min_batch_entropy_ratio: float = 0.1, terms: Sequence[str] = tuple(DISTILLATION_TERMS)) -> None:
         if num_prototypes < 2:
             raise ValueError(f"num_prototypes must be >= 2, got {num_prototypes}.")
         if not 0.0 < entropy_ratio <= 1.0 or patience < 1:
@@ -63,10 +71,11 @@ class CollapseAlarm:
         self.warmup_iterations = int(warmup_iterations)
         self.entropy_ratio = float(entropy_ratio)
         self.min_spread = float(min_spread)
+        self.min_batch_entropy_ratio = float(min_batch_entropy_ratio)
         self.patience = int(patience)
         self.terms = list(terms)
         self.logger = logging.getLogger(__name__)
-        self._streak = {(t, kind): 0 for t in self.terms for kind in ("uniform", "feature")}
+        self._streak = {(t, kind): 0 for t in self.terms for kind in ("uniform", "feature", "one_hot")}
         self._reported: set[tuple[str, str]] = set()
 
     def attach(self, engine: Engine) -> None:
@@ -77,7 +86,9 @@ class CollapseAlarm:
     def _conditions(self, scalars: dict, term: str) -> dict[str, bool]:
         h = float(scalars.get(f"{term}/teacher_entropy", float("nan")))
         spread = float(scalars.get(f"{term}/spread", float("nan")))
-        return {"uniform": h > self.entropy_ratio * self.log_k, "feature": spread < self.min_spread}
+        batch = float(scalars.get(f"{term}/batch_entropy", float("nan")))
+        return {"uniform": h > self.entropy_ratio * self.log_k, "feature": spread < self.min_spread,
+                "one_hot": batch < self.min_batch_entropy_ratio * self.log_k}
 
     def message(self, term: str, kind: str, scalars: dict, iteration: int) -> str:
         """The warning for one collapsed term."""
@@ -88,11 +99,17 @@ class CollapseAlarm:
             cause = (f"uniform collapse: teacher target entropy {h:.3f} nats = {h / self.log_k:.3f} ln K "
                      f"(> {self.entropy_ratio:g} ln K) for {self.patience} steps, so the {what} targets carry no "
                      f"information and the loss sits at ln K = {self.log_k:.3f}")
+        elif kind == "one_hot":
+            batch = float(scalars.get(f"{term}/batch_entropy", float("nan")))
+            cause = (f"one-hot collapse: the batch-averaged {what} target has entropy {batch:.3f} nats "
+                     f"(< {self.min_batch_entropy_ratio:g} ln K) for {self.patience} steps, so every image is sent to the "
+                     "same few prototypes and the centre chases them")
         else:
             cause = (f"feature collapse: the teacher's {what} bottleneck features are nearly identical across the "
                      f"batch (spread {spread:.3f} < {self.min_spread:g}) for {self.patience} steps")
         note = " The [CLS] attention that chooses DAGMaN's masks is then untrained." if term == "aitd" else ""
-        return f"collapse alarm at iteration {iteration}, {term.upper()}: {cause}.{note} {_ADVICE}"
+        advice = _ONE_HOT_ADVICE if kind == "one_hot" else _ADVICE
+        return f"collapse alarm at iteration {iteration}, {term.upper()}: {cause}.{note} {advice}"
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output

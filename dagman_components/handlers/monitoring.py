@@ -105,9 +105,13 @@ def _plot_diagnostics(axes: Sequence, history: dict[str, list[float]], iteration
         values = _series(history, key)
         if values is not None:
             ax_att.plot(iterations, values, style, color="tab:blue", lw=1.1, label=label)
+    log_n = _series(history, "satt/log_n")
+    if log_n is not None:
+        ax_att.set_ylim(0.0, 1.05 * max(v for v in log_n if math.isfinite(v)))
     values = _series(history, "satt/max")
     if values is not None:
         twin = ax_att.twinx()
+        twin.set_ylim(0.0, 1.05 * max(v for v in values if math.isfinite(v)))
         twin.plot(iterations, values, color="tab:orange", lw=1.0, label="S_ATT max (right)")
         twin.legend(fontsize=7, loc="lower right")
     ax_att.set_title("[CLS] attention S_ATT", fontsize=9)

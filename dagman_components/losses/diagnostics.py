@@ -19,7 +19,7 @@ __all__ = ["entropy", "feature_spread", "distillation_diagnostics", "attention_d
            "DIAGNOSTIC_NAMES"]
 
 #: Per-term diagnostics, logged as ``<term>/<name>`` for each of aitd, ampd and gitd.
-DIAGNOSTIC_NAMES = ("teacher_entropy", "student_entropy", "kl", "center_norm", "spread")
+DIAGNOSTIC_NAMES = ("teacher_entropy", "batch_entropy", "student_entropy", "kl", "center_norm", "spread")
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -92,19 +92,24 @@ def distillation_diagnostics(
         student_temp: tau_s.
 
     Returns:
-        ``teacher_entropy``, ``student_entropy``, ``kl`` (nats, token means), ``center_norm`` (L2 norm of
-        the centre) and ``spread`` (NaN without embeddings).
+        ``teacher_entropy``, ``student_entropy``, ``kl`` (nats, token means), ``batch_entropy`` (entropy of
+        the teacher targets averaged over the batch: near 0 when every image gets the same prototype,
+        one-hot collapse), ``center_norm`` (L2 norm of the centre) and ``spread`` (NaN without embeddings).
     """
-    h_t, h_s, ce = [], [], []
+    h_t, h_s, ce, marginals = [], [], [], []
     for student_logits, teacher_logits, weights in pairs:
         p_t = torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
         log_p_s = torch.log_softmax(student_logits.float() / student_temp, dim=-1)
+        flat = p_t.reshape(-1, p_t.shape[-1])
+        w = torch.ones(flat.shape[0]) if weights is None else weights.reshape(-1).float().cpu()
+        marginals.append((flat * w.to(flat.device)[:, None]).sum(0) / w.sum().clamp_min(1.0))
         h_t.append(_weighted_mean(entropy(p_t), weights))
         h_s.append(_weighted_mean(entropy(log_p_s.exp()), weights))
         ce.append(_weighted_mean(-(p_t * log_p_s).sum(dim=-1), weights))
     teacher_h = torch.stack(h_t).mean()
     return {
         "teacher_entropy": float(teacher_h),
+        "batch_entropy": float(entropy(torch.stack(marginals).mean(0))),
         "student_entropy": float(torch.stack(h_s).mean()),
         "kl": float(torch.stack(ce).mean() - teacher_h),
         "center_norm": float(center.float().norm()),

@@ -162,7 +162,7 @@ class ViTDAGMaN(ViT):
         normed = self.norm(h)
         features[-1] = grid(normed)
         att = self.blocks[-1].attn.att_mat  # (B, heads, 1 + N, 1 + N), post-softmax
-        cls_to_patch = att[:, :, 0, 1:].mean(dim=1)
+        cls_to_patch = att[:, :, 0, 1:].float().mean(dim=1)  # float32 even under autocast: sums to 1
         s_att = cls_to_patch / cls_to_patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return {
             "cls": normed[:, 0],
