@@ -20,10 +20,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 # DAGMaN pretraining demo on the real CT shipped in data/ (2 CPU cores: about 5 minutes).
-# Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json} and $(BUNDLE)/runs/loss_curves.png;
+# Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json}, $(BUNDLE)/runs/loss_curves.png (losses and
+# collapse diagnostics) and $(BUNDLE)/runs/probe_auc.png (frozen-teacher probe on the 24 shipped nodule crops);
 # a second run resumes from the checkpoint (make clean-demo starts over).
 demo: $(VENV)/.installed
-	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/demo.yaml']" \
+	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/demo.yaml','$(BUNDLE)/configs/probe.yaml']" \
 		--bundle_root $(BUNDLE) --logging_file $(BUNDLE)/configs/logging.conf
 
 test: $(VENV)/.installed

@@ -10,6 +10,7 @@ of the teacher's :class:`~dagman_components.networks.SwinDAGMaN` encoder, with M
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "atomic_write_png",
     "atomic_save",
     "atomic_write_text",
     "sha256_of",
@@ -68,6 +70,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write text atomically (see :func:`atomic_save`)."""
     _atomic_replace(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_png(fig: Any, path: str | os.PathLike) -> None:
+    """Render a matplotlib figure to ``path`` as a PNG, atomically (see :func:`atomic_save`).
+
+    Args:
+        fig: a matplotlib ``Figure`` (left open; close pyplot figures yourself).
+        path: the PNG file.
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
 
 
 def sha256_of(path: str | os.PathLike) -> str:

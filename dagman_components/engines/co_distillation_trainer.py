@@ -13,7 +13,6 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask

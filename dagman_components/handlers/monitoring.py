@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
-from dagman_components.weights import atomic_write_text, _atomic_replace
+from dagman_components.weights import atomic_write_png, atomic_write_text
 
 __all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "plot_loss_history", "LOSS_KEYS", "DIAGNOSTIC_KEYS"]
 
@@ -161,10 +160,8 @@ def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    atomic_write_png(fig, path)
     plt.close(fig)
-    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
 
 
 class LossHistoryPlotter:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACI
 from dagman_components.data import HU_WINDOW
 from dagman_components.handlers.checkpoint import _is_main_process
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import _atomic_replace, atomic_write_text
+from dagman_components.weights import atomic_write_png, atomic_write_text
 
 __all__ = [
     "FrozenFeatureProbe",
@@ -314,9 +313,7 @@ def plot_probe_history(iterations: Sequence[int], aucs: Mapping[str, Sequence[fl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
+    atomic_write_png(fig, path)
 
 
 class FrozenFeatureProbe:
