@@ -479,9 +479,41 @@ def summarise_seeds(outputs: Sequence[Path], out: Path) -> dict[str, dict[str, d
     atomic_write_text("Mean ± standard deviation over seeds.\n\n" + "\n".join(lines) + "\n", out / "results_seeds.md")
     try:
         plot_results({v: {k: s["mean"] for k, s in m.items()} for v, m in summary.items()}, out / "results_seeds.png")
+        plot_attention_in_mask(outputs, list(summary), out / "attention_in_mask.png")
     except Exception as e:  # a figure must never lose the numbers
-        logger.warning("results_seeds.png not written: %s", e)
+        logger.warning("a results_seeds figure was not written: %s", e)
     return summary
+
+
+def plot_attention_in_mask(outputs: Sequence[Path], variants: Sequence[str], path: Path) -> None:
+    """Per nodule: S_ATT mass inside the mask against the mask's share of the crop, one panel per
+    variant, every seed's cases pooled (the diagonal is chance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dagman_components.weights import atomic_write_png
+
+    found = {v: [json.loads((Path(o) / v / "attention_in_mask.json").read_text()) for o in outputs
+                 if (Path(o) / v / "attention_in_mask.json").is_file()] for v in variants}
+    found = {v: reps for v, reps in found.items() if reps}
+    if not found:
+        return
+    fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 3.6), squeeze=False)
+    for ax, (variant, reps) in zip(axes[0], found.items()):
+        share = np.concatenate([r["mask_share"] for r in reps])
+        mass = np.concatenate([r["mass_inside"] for r in reps])
+        ax.scatter(share, mass, s=5, alpha=0.4)
+        top = float(max(share.max(), mass.max()) * 1.05)
+        ax.plot([0, top], [0, top], "k--", lw=0.8, label="chance")
+        ax.set_title(f"{variant}: mean ratio {np.mean(mass / share):.3f}", fontsize=9)
+        ax.set_xlabel("nodule share of the crop")
+        ax.set_ylabel("S_ATT mass inside the nodule")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write_png(fig, path)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
