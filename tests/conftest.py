@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -12,6 +17,19 @@ DATA = REPO / "data"
 
 #: Encoder settings small enough for 32^3 inputs on 2 CPU cores.
 TINY_ENCODER = {"embed_dim": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 3, 3, 3), "sa_heads": 4}
+
+
+@contextmanager
+def imported_script(name: str) -> Iterator[ModuleType]:
+    """Import ``scripts/<name>.py`` as a module for the duration of the block."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, TINY_ENCODER
+from conftest import DATA, REPO, TINY_ENCODER, imported_script
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
@@ -191,12 +189,8 @@ def test_vit_rejects_another_input_size():
 
 @pytest.fixture()
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_pretraining", REPO / "scripts" / "compare_pretraining.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_pretraining"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("compare_pretraining", None)
+    with imported_script("compare_pretraining") as module:
+        yield module
 
 
 def test_compare_resumes_where_it_stopped(compare, tmp_path, monkeypatch):

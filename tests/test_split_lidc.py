@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pandas as pd
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, imported_script
 
 
 @pytest.fixture()
 def split():
-    spec = importlib.util.spec_from_file_location("split_lidc_by_patient", REPO / "scripts" / "split_lidc_by_patient.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["split_lidc_by_patient"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("split_lidc_by_patient", None)
+    with imported_script("split_lidc_by_patient") as module:
+        yield module
 
 
 def test_split_keeps_patients_apart_and_is_seeded(split, tmp_path):
