@@ -39,20 +39,19 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
 def teacher_temperature_schedule(
     final_temp: float = 0.07, warmup_temp: float = 0.04, warmup_epochs: int = 30, total_epochs: int = 800
 ) -> np.ndarray:
-    """Teacher temperature per epoch: linear from ``warmup_temp`` to ``final_temp`` over
-    ``warmup_epochs`` (``np.linspace`` endpoints included), then constant.
+    """Teacher temperature per epoch: :func:`linear_warmup_value` from ``warmup_temp`` to
+    ``final_temp`` over ``warmup_epochs`` (endpoints included), then constant, as an array.
 
     Returns:
         ``total_epochs`` values; index 0 is the first epoch.
     """
     warmup_epochs = max(0, min(warmup_epochs, total_epochs))
-    warm = np.linspace(warmup_temp, final_temp, warmup_epochs) if warmup_epochs else np.zeros(0)
-    return np.concatenate([warm, np.full(total_epochs - warmup_epochs, final_temp)]).astype(float)
+    return np.array([linear_warmup_value(e, warmup_temp, final_temp, warmup_epochs) for e in range(total_epochs)])
 
 
 def linear_warmup_value(step: int, start: float, end: float, warmup_steps: int) -> float:
     """Value of 0-based ``step`` in a linear ramp from ``start`` to ``end`` over ``warmup_steps`` steps
-    (both endpoints included, as :func:`teacher_temperature_schedule`), then ``end``.
+    (both endpoints included), then ``end``. :func:`teacher_temperature_schedule` is this per epoch.
 
     Used per optimizer step, so that a schedule does not depend on how many iterations an epoch has.
 

@@ -340,9 +340,9 @@ class CoDistillationTrainer(Trainer):
         engine.teacher.eval()
         engine.optimizer.zero_grad(set_to_none=True)
         results = []
+        no_sync = getattr(engine.network, "no_sync", None)  # DDP: all-reduce only on the last micro-batch
         for i, micro_batch in enumerate(micro_batches):
             last = i == k - 1
-            no_sync = getattr(engine.network, "no_sync", None)
             with nullcontext() if last or no_sync is None else no_sync():
                 res = engine._forward_micro_batch(micro_batch, tau_t)
                 engine.scaler.scale(res["total"] / k).backward()

@@ -14,14 +14,12 @@ same weights always gives the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
 import os
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
+from monai.networks.utils import eval_mode
 
-from dagman_components.classification.splits import grouped_stratified_folds
+from dagman_components.classification.splits import few_shot_subset, grouped_stratified_folds
 from dagman_components.classification.table import NoduleTableError, read_nodule_table
 from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
 from dagman_components.data import HU_WINDOW
@@ -86,12 +85,9 @@ def _patients_per_class(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 
 def select_cases(items: Sequence[Mapping[str, Any]], max_cases: int | None, seed: int = 0) -> list[Mapping[str, Any]]:
-    """A deterministic subset of whole patients, stratified by label, of about ``max_cases`` nodules.
-
-    A patient belongs to the malignant stratum when any of its nodules is malignant. Within each
-    stratum the patients are shuffled with ``seed`` and taken in that order until the stratum's
-    share of ``max_cases`` (its share of all nodules, at least one nodule) is reached, so both
-    classes keep their proportion and no patient is split.
+    """A deterministic subset of whole patients, stratified by label, of about ``max_cases`` nodules:
+    the classification components' :func:`~dagman_components.classification.splits.few_shot_subset`
+    with the share ``max_cases / len(items)``.
 
     Args:
         items: labelled items with ``label`` and ``patient``.
@@ -108,22 +104,7 @@ def select_cases(items: Sequence[Mapping[str, Any]], max_cases: int | None, seed
         return list(items)
     if int(max_cases) < 1:
         raise ValueError(f"max_cases must be at least 1 (or None for all cases), got {max_cases}.")
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        by_patient[str(it["patient"])].append(i)
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for cls in (0, 1):
-        stratum = sorted(p for p, idx in by_patient.items() if max(int(items[i]["label"]) for i in idx) == cls)
-        size = sum(len(by_patient[p]) for p in stratum)
-        target = max(1, round(int(max_cases) * size / len(items))) if size else 0
-        taken = 0
-        for j in rng.permutation(len(stratum)):
-            if taken >= target:
-                break
-            chosen += by_patient[stratum[j]]
-            taken += len(by_patient[stratum[j]])
-    return [items[i] for i in sorted(chosen)]
+    return few_shot_subset(items, int(max_cases) / len(items), seed)
 
 
 def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source: str) -> None:
@@ -146,24 +127,6 @@ def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source
             f"patient-grouped folds, but its {len(items)} nodule(s) come from {counts[1]} patient(s) with a malignant "
             f"and {counts[0]} with a benign nodule. Point {_DIR_KEY} at a larger set, raise max_cases or lower n_folds."
         )
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block and restore its previous mode afterwards.
-
-    Args:
-        module: any module.
-
-    Returns:
-        A context manager yielding ``module``.
-    """
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -198,7 +161,7 @@ def encode_tokens(
     """
     device = torch.device(device) if device is not None else _module_device(encoder)
     chunks: dict[str, list[np.ndarray]] = {t: [] for t in tokens}
-    with eval_mode(encoder), torch.no_grad():
+    with eval_mode(encoder):  # MONAI: eval mode and no_grad, the previous mode restored
         for start in range(0, len(images), max(1, int(batch_size))):
             out = encoder(images[start : start + batch_size].to(device=device, dtype=torch.float32))
             missing = [t for t in tokens if not isinstance(out, Mapping) or t not in out]

@@ -101,8 +101,11 @@ def distillation_diagnostics(
         p_t = torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
         log_p_s = torch.log_softmax(student_logits.float() / student_temp, dim=-1)
         flat = p_t.reshape(-1, p_t.shape[-1])
-        w = torch.ones(flat.shape[0]) if weights is None else weights.reshape(-1).float().cpu()
-        marginals.append((flat * w.to(flat.device)[:, None]).sum(0) / w.sum().clamp_min(1.0))
+        if weights is None:
+            marginals.append(flat.mean(0))
+        else:
+            w = weights.reshape(-1, 1).to(flat.dtype)
+            marginals.append((flat * w).sum(0) / w.sum().clamp_min(1.0))
         h_t.append(_weighted_mean(entropy(p_t), weights))
         h_s.append(_weighted_mean(entropy(log_p_s.exp()), weights))
         ce.append(_weighted_mean(-(p_t * log_p_s).sum(dim=-1), weights))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.networks.utils import eval_mode
 from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd
 
 from dagman_components.classification.attention import attention_to_voxels
@@ -66,7 +67,7 @@ def attention_in_mask_report(encoder: nn.Module, items: Sequence[Mapping[str, An
     """S_ATT mass inside the nodule mask for every crop with a non-empty mask.
 
     Args:
-        encoder: a :class:`~dagman_components.networks.SwinDAGMaN` (eval mode is set here).
+        encoder: a :class:`~dagman_components.networks.SwinDAGMaN` (run in eval mode).
         items: dicts with ``image`` and ``mask`` paths (and optionally ``id``).
         roi_size: crop size (every side divisible by 32).
         spacing: voxel spacing in mm.
@@ -83,7 +84,7 @@ def attention_in_mask_report(encoder: nn.Module, items: Sequence[Mapping[str, An
         ValueError: when no crop has a non-empty mask after preprocessing.
     """
     transform = nodule_and_mask_transforms(roi_size, spacing, hu_window)
-    encoder = encoder.eval().to(device)
+    encoder = encoder.to(device)
     inside_all, share_all, ids = [], [], []
     for start in range(0, len(items), batch_size):
         chunk = [transform(dict(it)) for it in items[start : start + batch_size]]
@@ -92,7 +93,8 @@ def attention_in_mask_report(encoder: nn.Module, items: Sequence[Mapping[str, An
             continue
         images = torch.stack([chunk[i]["image"] for i in keep]).to(device)
         masks = torch.stack([chunk[i]["mask"] for i in keep])
-        out = encoder(images)
+        with eval_mode(encoder):  # the previous mode is restored
+            out = encoder(images)
         inside, share = attention_mass_in_mask(out["s_att"].cpu(), out["sa_grid"].tolist(), encoder.sa_stride, masks)
         inside_all.append(inside)
         share_all.append(share)
