@@ -14,12 +14,14 @@ __all__ = ["CollapseAlarm", "DISTILLATION_TERMS"]
 DISTILLATION_TERMS = {"aitd": "[CLS] token", "ampd": "SA patch tokens", "gitd": "global token"}
 
 _ONE_HOT_ADVICE = (
-    "Try, one at a time: a higher teacher temperature (teacher_temp), a higher teacher momentum (base_momentum), "
+    "Try, one at a time: Sinkhorn-Knopp targets (teacher_targets: sinkhorn), which share the prototypes out within "
+    "every batch, a higher teacher temperature (teacher_temp), a higher teacher momentum (base_momentum), "
     "a lower learning rate, or a KoLeo weight (loss_weights.koleo) to spread the features. "
     "See 'Collapse diagnostics and alarm' in the bundle README."
 )
 _ADVICE = (
-    "Try, one at a time: a lower teacher temperature (teacher_temp / warmup_teacher_temp, e.g. 0.04 -> 0.02), "
+    "Try, one at a time: Sinkhorn-Knopp targets (teacher_targets: sinkhorn) instead of centring on small batches, "
+    "a lower teacher temperature (teacher_temp / warmup_teacher_temp, e.g. 0.04 -> 0.02), "
     "fewer prototypes (head_out_dim), a lower learning rate or a longer warm-up, a lower start of the "
     "teacher momentum (base_momentum, e.g. 0.99) on short runs, or a larger effective batch "
     "(accumulate_steps); configs/small_cpu.yaml is a recipe that learns on 2 CPU cores. "

@@ -12,6 +12,8 @@ from dagman_components.losses.distillation import (
     REGULARISERS,
     DAGMaNLoss,
     DistillationCrossEntropy,
+    TeacherTargets,
     koleo_loss,
     masked_l1,
+    sinkhorn_knopp,
 )

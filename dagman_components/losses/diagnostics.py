@@ -75,6 +75,7 @@ def distillation_diagnostics(
     center: torch.Tensor,
     teacher_temp: float,
     student_temp: float,
+    teacher_probs: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Diagnostics of one distillation term over its (student, teacher) pairs.
 
@@ -90,6 +91,8 @@ def distillation_diagnostics(
         center: the term's centre (1, K).
         teacher_temp: tau_t.
         student_temp: tau_s.
+        teacher_probs: the targets of each pair when they are not ``softmax((t - c)/tau_t)`` (e.g.
+            Sinkhorn-Knopp targets); one tensor per pair, shaped like its teacher logits.
 
     Returns:
         ``teacher_entropy``, ``student_entropy``, ``kl`` (nats, token means), ``batch_entropy`` (entropy of
@@ -97,8 +100,11 @@ def distillation_diagnostics(
         one-hot collapse), ``center_norm`` (L2 norm of the centre) and ``spread`` (NaN without embeddings).
     """
     h_t, h_s, ce, marginals = [], [], [], []
-    for student_logits, teacher_logits, weights in pairs:
-        p_t = torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+    for i, (student_logits, teacher_logits, weights) in enumerate(pairs):
+        if teacher_probs is not None:
+            p_t = teacher_probs[i].float()
+        else:
+            p_t = torch.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
         log_p_s = torch.log_softmax(student_logits.float() / student_temp, dim=-1)
         flat = p_t.reshape(-1, p_t.shape[-1])
         if weights is None:

@@ -7,7 +7,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import SubpixelUpsample
 
-__all__ = ["ProjectionHead", "ReconstructionHead"]
+__all__ = ["ProjectionHead", "ReconstructionHead", "TokenBatchNorm"]
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """Batch normalisation of the last axis over every leading position (samples and tokens), always
+    with the statistics of the current batch (no running averages), in training and in evaluation.
+
+    A projection head is used only during pretraining, by the student and by the EMA teacher (which
+    runs in evaluation mode); both normalise with their own batch, as DINO's teacher does with its
+    head's batch norms. Needs at least two positions.
+
+    Args:
+        num_features: width of the last axis.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(..., C) -> (..., C)."""
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 class ProjectionHead(nn.Module):
@@ -16,19 +36,32 @@ class ProjectionHead(nn.Module):
 
     Works on any leading shape: (B, C) or (B, N, C) in, (..., out_dim) out.
 
+    With ``batch_norm`` (DINO's ``use_bn_in_head`` option), every hidden layer is followed by a
+    :class:`TokenBatchNorm` before its GELU. A freshly initialised Swin maps different crops to
+    almost the same token (the across-crop spread of its L2-normalised [CLS] output is a few
+    percent of an isotropic spread), so without it the teacher's targets start out nearly identical
+    for every crop; the batch norm removes the part all crops share and rescales the rest.
+
     Args:
         in_dim: input width.
         out_dim: number of prototypes K (8192 in METHOD.md).
         hidden_dim: MLP width (2048).
         bottleneck_dim: width before the prototype layer (256).
         nlayers: MLP layers (3).
+        batch_norm: batch normalisation after each hidden layer (off in METHOD.md).
 
     Raises:
         ValueError: when a dimension is not positive or ``nlayers < 1``.
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int = 8192, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1 or nlayers < 1:
@@ -38,6 +71,8 @@ class ProjectionHead(nn.Module):
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
             if i < nlayers - 1:
+                if batch_norm:
+                    layers.append(TokenBatchNorm(b))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():

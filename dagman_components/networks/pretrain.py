@@ -28,6 +28,8 @@ class DAGMaNPretrainNetwork(nn.Module):
         hidden_dim: projection MLP width (2048).
         bottleneck_dim: projection bottleneck (256).
         with_reconstruction: build the reconstruction head (the student needs it, the teacher not).
+        head_batch_norm: batch normalisation inside the projection heads' MLPs (see
+            :class:`~dagman_components.networks.heads.ProjectionHead`).
 
     Example::
 
@@ -43,10 +45,12 @@ class DAGMaNPretrainNetwork(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         with_reconstruction: bool = True,
+        head_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        head_args = {"out_dim": out_dim, "hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim}
+        head_args = {"out_dim": out_dim, "hidden_dim": hidden_dim, "bottleneck_dim": bottleneck_dim,
+                     "batch_norm": head_batch_norm}
         self.cls_head = ProjectionHead(encoder.sa_dim, **head_args)
         self.patch_head = ProjectionHead(encoder.sa_dim, **head_args)
         self.global_head = ProjectionHead(encoder.out_dim, **head_args)
