@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -210,7 +211,7 @@ def test_missing_dataset_dir_exits_non_zero(sentinel_bundle, tmp_path):
     assert (sentinel_bundle / "models" / "model.pt").read_bytes() == b"previous weights"
 
 
-@pytest.mark.parametrize("case", ["empty", "corrupt", "2d", "4d", "roi"])
+@pytest.mark.parametrize("case", ["empty", "corrupt", "2d", "4d", "roi", "head_batch_norm"])
 def test_bad_input_is_named_and_harmless(sentinel_bundle, tmp_path, case):
     override = {}
     bad_dir = tmp_path / "cts"
@@ -228,9 +229,12 @@ def test_bad_input_is_named_and_harmless(sentinel_bundle, tmp_path, case):
     elif case == "roi":
         override["roi_size"] = [48, 48, 48]
         expect = "roi_size"
+    elif case == "head_batch_norm":  # batch norm in the heads with one volume per batch
+        override["head_batch_norm"] = True
+        expect = "head_batch_norm needs batch_size >= 4 (got 1)"
     else:
         expect = str(bad_dir)
-    if case != "roi":
+    if case not in ("roi", "head_batch_norm"):
         override["dataset_dir"] = str(bad_dir)
     with pytest.raises(Exception) as info:
         run_in_process(sentinel_bundle, max_epochs=1, **override)
@@ -263,3 +267,20 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(trained, tmp_pat
     text = messages(info.value)
     assert "cannot resume from" in text and "checkpoint.pt" in text
     assert (bundle / "models" / "checkpoint.pt").read_bytes() == good
+
+
+def test_small_cpu_recipe_trains_with_batch_norm_heads(tmp_path):
+    """train.yaml + small_cpu.yaml (the recipe) on the shipped nodule crops, with a tiny network: the heads carry
+    batch norm, the incomplete last batch is dropped, and the teacher's bottleneck features are spread out."""
+    from monai.bundle import run as bundle_run
+
+    crops = sorted((REPO / "data" / "lidc_nodules_sample" / "image").glob("*.nii.gz"))[:10]
+    bundle = make_bundle(tmp_path, [str(p) for p in crops])
+    configs = [str(bundle / "configs" / c) for c in ("train.yaml", "small_cpu.yaml", "tiny.yaml")]
+    bundle_run(config_file=configs, bundle_root=str(bundle), dataset_dir=str(bundle / "datalist.json"),
+               batch_size=4, max_epochs=1, save_interval=1)
+    ck = load_ckpt(bundle)
+    assert ck["trainer"]["iteration"] == 2  # 10 crops, batch 4: the last batch of 2 is dropped
+    assert "cls_head.mlp.1.weight" in ck["teacher"]  # TokenBatchNorm after the first hidden layer
+    rows = list(csv.DictReader((bundle / "runs" / "loss_curves.csv").open()))
+    assert float(rows[-1]["aitd/spread"]) > 0.3

@@ -152,3 +152,12 @@ def test_head_batch_norm_spreads_nearly_identical_inputs():
     with torch.no_grad():
         assert feature_spread(plain.embed(tokens)) < 0.1
         assert feature_spread(normed.embed(tokens)) > 0.5
+
+
+def test_head_batch_norm_refuses_tiny_batches():
+    from dagman_components.networks import check_head_batch_norm
+
+    check_head_batch_norm(False, 1)
+    check_head_batch_norm(True, 4)
+    with pytest.raises(ValueError, match="head_batch_norm needs batch_size >= 4 \\(got 2\\)"):
+        check_head_batch_norm(True, 2)

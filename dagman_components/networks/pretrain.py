@@ -10,7 +10,27 @@ import torch.nn as nn
 from dagman_components.networks.heads import ProjectionHead, ReconstructionHead
 from dagman_components.networks.swin_dagman import SwinDAGMaN
 
-__all__ = ["DAGMaNPretrainNetwork", "make_teacher", "unwrap"]
+__all__ = ["DAGMaNPretrainNetwork", "make_teacher", "unwrap", "check_head_batch_norm", "MIN_BATCH_FOR_HEAD_BATCH_NORM"]
+
+#: Smallest ``batch_size`` (volumes per micro-batch, two views each) for batch norm in the heads.
+MIN_BATCH_FOR_HEAD_BATCH_NORM = 4
+
+
+def check_head_batch_norm(enabled: bool, batch_size: int) -> None:
+    """Refuse batch norm in the projection heads with batches too small for its statistics.
+
+    With one volume the batch holds just its two views, and batch norm maps their features to
+    opposite points, the reverse of what cross-view distillation asks for.
+
+    Raises:
+        ValueError: naming ``head_batch_norm`` and ``batch_size`` when ``enabled`` and
+            ``batch_size < MIN_BATCH_FOR_HEAD_BATCH_NORM``.
+    """
+    if enabled and int(batch_size) < MIN_BATCH_FOR_HEAD_BATCH_NORM:
+        raise ValueError(
+            f"head_batch_norm needs batch_size >= {MIN_BATCH_FOR_HEAD_BATCH_NORM} (got {batch_size}): the heads normalise "
+            "with the statistics of each batch. Raise batch_size or set head_batch_norm false."
+        )
 
 
 def unwrap(network: nn.Module) -> nn.Module:
