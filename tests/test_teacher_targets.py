@@ -161,3 +161,49 @@ def test_head_batch_norm_refuses_tiny_batches():
     check_head_batch_norm(True, 4)
     with pytest.raises(ValueError, match="head_batch_norm needs batch_size >= 4 \\(got 2\\)"):
         check_head_batch_norm(True, 2)
+
+
+def _two_rank_targets(rank: int, init_file: str, full: torch.Tensor, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        part = full[rank * 4:(rank + 1) * 4]
+        q = sinkhorn_knopp(part, 0.1)
+        ce = DistillationCrossEntropy(full.shape[1], center_momentum=0.0)
+        ce.update_center(part)
+        gathered = [torch.zeros_like(q) for _ in range(2)]
+        dist.all_gather(gathered, q)
+        if rank == 0:
+            torch.save({"targets": torch.cat(gathered), "center": ce.center}, out_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_normalise_like_one_process_on_the_whole_batch(tmp_path):
+    # under DDP the Sinkhorn-Knopp sums and the centre are all-reduced: 2 ranks x 4 tokens == 1 process x 8 tokens
+    import torch.multiprocessing as mp
+
+    full = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    out_file = str(tmp_path / "out.pt")
+    mp.spawn(_two_rank_targets, args=(str(tmp_path / "init"), full, out_file), nprocs=2, join=True)
+    result = torch.load(out_file, weights_only=True)
+    assert torch.allclose(result["targets"], sinkhorn_knopp(full, 0.1), atol=1e-6)
+    assert torch.allclose(result["center"], full.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_precomputed_targets_are_used_by_loss_and_diagnostics():
+    # the trainer computes the step's targets once and passes them to both
+    k, n, b, tau = 6, 4, 3, 0.05
+    su, sv, tu, tv = (_outputs(k, n, b, seed) for seed in range(4))
+    masks = (torch.ones(b, n), torch.ones(b, n))
+    loss = DAGMaNLoss(out_dim=k, weights={"amip": 0.0}, teacher_targets="sinkhorn")
+    targets = loss.teacher_targets((tu, tv), tau)
+    _, own = loss((su, sv), (tu, tv), masks, (None, None), (None, None), teacher_temp=tau)
+    _, given = loss((su, sv), (tu, tv), masks, (None, None), (None, None), teacher_temp=tau, targets=targets)
+    assert all(torch.equal(own[key], given[key]) for key in ("aitd", "gitd", "ampd"))
+    uniform = {key: (torch.full_like(p, 1 / k), torch.full_like(q, 1 / k)) for key, (p, q) in targets.items()}
+    d = loss.diagnostics((su, sv), (tu, tv), masks, tau, targets=uniform)
+    assert d["aitd/teacher_entropy"] == pytest.approx(math.log(k), rel=1e-5)

@@ -302,6 +302,7 @@ class CoDistillationTrainer(Trainer):
             student_out = _split_views(self.network(both, mask=patch_mask))
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
             with torch.profiler.record_function("dagman/losses"):
+                targets = self.loss_function.teacher_targets((teacher_out[0], teacher_out[1]), tau_t)
                 total, parts = self.loss_function(
                     student=(student_out[0], student_out[1]),
                     teacher=(teacher_out[0], teacher_out[1]),
@@ -309,6 +310,7 @@ class CoDistillationTrainer(Trainer):
                     voxel_masks=(voxel_masks[0], voxel_masks[1]),
                     images=(u, v),
                     teacher_temp=tau_t,
+                    targets=targets,
                 )
         self.fire_event(IterationEvents.LOSS_COMPLETED)
         bad = [k for k, val in parts.items() if not torch.isfinite(val)]
@@ -322,7 +324,8 @@ class CoDistillationTrainer(Trainer):
         diagnostics = {}
         if self.compute_diagnostics:
             diagnostics = self.loss_function.diagnostics(
-                (student_out[0], student_out[1]), (teacher_out[0], teacher_out[1]), (cell_masks[0], cell_masks[1]), tau_t
+                (student_out[0], student_out[1]), (teacher_out[0], teacher_out[1]), (cell_masks[0], cell_masks[1]), tau_t,
+                targets=targets,
             )
         teacher_logits = {k: torch.cat([teacher_out[0][k], teacher_out[1][k]]).detach()
                           for k in ("cls_logits", "patch_logits", "global_logits")}

@@ -3,8 +3,8 @@ reconstruction (AMIP)."""
 
 from __future__ import annotations
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import StrEnum, look_up_option
@@ -26,18 +26,6 @@ class TeacherTargets(StrEnum):
 
     CENTERING = "centering"
     SINKHORN = "sinkhorn"
-
-
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def _all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
 
 
 @torch.no_grad()
@@ -67,13 +55,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     shape = teacher_logits.shape
     logits = teacher_logits.detach().float().reshape(-1, shape[-1])
     scaled = logits / teacher_temp
-    top = _all_reduce_max(scaled.max())
+    top = idist.all_reduce(scaled.max(), op="MAX")
     q = torch.exp(scaled - top).t()  # (K, M); subtracting one global constant changes nothing after normalising
-    n_tokens = _all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    n_tokens = idist.all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     k = q.shape[0]
-    q /= _all_reduce_sum(q.sum()).clamp_min(1e-30)
+    q /= idist.all_reduce(q.sum()).clamp_min(1e-30)
     for _ in range(n_iterations):
-        q /= _all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(1e-30) * k  # each prototype: mass 1/K
+        q /= idist.all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(1e-30) * k  # each prototype: mass 1/K
         q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30) * n_tokens  # each token: mass 1/M
     q *= n_tokens
     return q.t().reshape(shape)
@@ -171,8 +159,8 @@ class DistillationCrossEntropy(nn.Module):
             self.queue[: newest.shape[0]] = newest
             self.queue[newest.shape[0]:] = kept
             self.queue_filled.fill_(min(int(self.queue_filled) + newest.shape[0], self.queue_size))
-        total = _all_reduce_sum(flat.sum(dim=0, keepdim=True))
-        count = _all_reduce_sum(torch.tensor([float(flat.shape[0])], device=flat.device))
+        total = idist.all_reduce(flat.sum(dim=0, keepdim=True))
+        count = idist.all_reduce(torch.tensor([float(flat.shape[0])], device=flat.device))
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
 
 
@@ -278,6 +266,7 @@ class DAGMaNLoss(nn.Module):
         voxel_masks: tuple[torch.Tensor, torch.Tensor],
         images: tuple[torch.Tensor, torch.Tensor],
         teacher_temp: float,
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the four terms.
 
@@ -288,12 +277,14 @@ class DAGMaNLoss(nn.Module):
             voxel_masks: (B, D, H, W) masks on the voxels of u and v.
             images: the clean views u, v (reconstruction targets).
             teacher_temp: tau_t for this epoch.
+            targets: the step's teacher targets from :meth:`teacher_targets`, when already computed (the
+                trainer computes them once for the loss and the diagnostics); ``None`` computes them here.
 
         Returns:
             ``(total, parts)`` with ``parts`` keyed by :data:`LOSS_TERMS` and :data:`REGULARISERS` (detached).
         """
-        (su, sv), (tu, tv) = student, teacher
-        targets = self.teacher_targets(teacher, teacher_temp)
+        su, sv = student
+        targets = targets if targets is not None else self.teacher_targets(teacher, teacher_temp)
         parts: dict[str, torch.Tensor] = {}
         # AITD: cross-view [CLS] distillation; GITD: cross-view global-token distillation
         for term, ce, key in (("aitd", self.cls_ce, "cls"), ("gitd", self.global_ce, "global")):
@@ -334,6 +325,7 @@ class DAGMaNLoss(nn.Module):
     def diagnostics(
         self, student: tuple[dict, dict], teacher: tuple[dict, dict], cell_masks: tuple[torch.Tensor, torch.Tensor],
         teacher_temp: float,
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         """Collapse diagnostics of the three distillation terms and of S_ATT, with the same pairing,
         centres and token weights as :meth:`forward` (see :mod:`dagman_components.losses.diagnostics`).
@@ -343,6 +335,7 @@ class DAGMaNLoss(nn.Module):
             teacher: outputs on the noisy views (u_hat, v_hat), with ``*_embedding`` and ``s_att``.
             cell_masks: (B, N) masks on the SA grid of u and v (AMPD's token weights).
             teacher_temp: tau_t of this step.
+            targets: the step's teacher targets from :meth:`teacher_targets`; ``None`` computes them.
 
         Returns:
             ``{"<term>/<name>": value}`` for term in aitd, ampd, gitd and name in
@@ -350,7 +343,7 @@ class DAGMaNLoss(nn.Module):
             ``satt/max`` and ``satt/log_n``.
         """
         (su, sv), (tu, tv) = student, teacher
-        targets = self.teacher_targets(teacher, teacher_temp)
+        targets = targets if targets is not None else self.teacher_targets(teacher, teacher_temp)
         out: dict[str, float] = {}
         for term, ce, key in (("aitd", self.cls_ce, "cls"), ("gitd", self.global_ce, "global")):
             p_u, p_v = targets[key]
