@@ -3,8 +3,8 @@ reconstruction (AMIP)."""
 
 from __future__ import annotations
 
-import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import StrEnum, look_up_option
@@ -26,6 +26,14 @@ class TeacherTargets(StrEnum):
 
     CENTERING = "centering"
     SINKHORN = "sinkhorn"
+
+
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce ``x`` in place when a process group is initialised (plain torch: Ignite's
+    ``idist.all_reduce`` keeps a module-level handle that goes stale once a group is destroyed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
 
 
 @torch.no_grad()
@@ -55,13 +63,13 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     shape = teacher_logits.shape
     logits = teacher_logits.detach().float().reshape(-1, shape[-1])
     scaled = logits / teacher_temp
-    top = idist.all_reduce(scaled.max(), op="MAX")
+    top = _all_reduce(scaled.max(), op="max")
     q = torch.exp(scaled - top).t()  # (K, M); subtracting one global constant changes nothing after normalising
-    n_tokens = idist.all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    n_tokens = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     k = q.shape[0]
-    q /= idist.all_reduce(q.sum()).clamp_min(1e-30)
+    q /= _all_reduce(q.sum()).clamp_min(1e-30)
     for _ in range(n_iterations):
-        q /= idist.all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(1e-30) * k  # each prototype: mass 1/K
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(1e-30) * k  # each prototype: mass 1/K
         q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30) * n_tokens  # each token: mass 1/M
     q *= n_tokens
     return q.t().reshape(shape)
@@ -159,8 +167,8 @@ class DistillationCrossEntropy(nn.Module):
             self.queue[: newest.shape[0]] = newest
             self.queue[newest.shape[0]:] = kept
             self.queue_filled.fill_(min(int(self.queue_filled) + newest.shape[0], self.queue_size))
-        total = idist.all_reduce(flat.sum(dim=0, keepdim=True))
-        count = idist.all_reduce(torch.tensor([float(flat.shape[0])], device=flat.device))
+        total = _all_reduce(flat.sum(dim=0, keepdim=True))
+        count = _all_reduce(torch.tensor([float(flat.shape[0])], device=flat.device))
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
 
 
