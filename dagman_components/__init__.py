@@ -9,8 +9,11 @@ from __future__ import annotations
 from dagman_components import (
     classification,
     clustering,
+    config_checks,
     data,
+    encoder_io,
     engines,
+    errors,
     handlers,
     losses,
     masking,

@@ -13,7 +13,8 @@ the bundle folder as its single top-level folder. What it leaves out, and why:
   ``mlruns/`` at the bundle root (training and evaluation outputs);
 * hidden files (``.*``), ``*.tmp``, ``*.log``, ``*.pyc``/``*.pyo`` and editor backups ``*~``;
 * everything under ``models/`` except the shipped weights, ``models/model.pt`` and
-  ``models/model.ts`` (``keep_models``): training writes its checkpoints there
+  ``models/model.ts`` (``keep_models``), and the ``model_card.json`` beside a kept ``.pt`` (the card
+  :mod:`dagman_components.encoder_io` builds the encoder from travels with its weights): training writes its checkpoints there
   (``checkpoint_*.pt``, ``model_key_metric=*.pt``, optimiser states) and they are not part of a release;
 * any file larger than ``max_file_mb`` (the zoo's limit is 25 MB per file), except the files
   the checks require (``LICENSE``, ``configs/*``, ``docs/README.md``): it is listed in
@@ -40,7 +41,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -48,6 +48,9 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+
+from dagman_components.atomic import atomic_write_bytes, replace_atomically
+from dagman_components.progress import progress
 
 __all__ = [
     "DEFAULT_SCHEMA_PATH",
@@ -70,6 +73,7 @@ INFERENCE_CONFIGS = tuple(f"configs/inference{suffix}" for suffix in CONFIG_SUFF
 LARGE_FILES_NAMES = ("large_files.yml", "large_files.yaml", "large_files.json")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what monai.apps.utils.check_hash accepts
 KEEP_MODELS = ("model.pt", "model.ts")
+MODEL_CARD_NAME = "model_card.json"  # dagman_components.encoder_io.MODEL_CARD_NAME (not imported: it pulls in torch)
 EXCLUDED_ROOT_DIRS = frozenset({"eval", "runs", "logs", "log", "mlruns"})
 EXCLUDED_DIRS = frozenset({"__pycache__"})
 EXCLUDED_FILE_PATTERNS = (".*", "*.tmp", "*.log", "*.pyc", "*.pyo", "*~")
@@ -221,6 +225,12 @@ def check_bundle(
     return problems
 
 
+def _with_cards(keep_models: Sequence[str]) -> set[str]:
+    """``keep_models`` plus the model card beside each kept ``.pt`` (its settings travel with the weights)."""
+    cards = {Path(m).with_name(MODEL_CARD_NAME).as_posix() for m in keep_models if m.endswith(".pt")}
+    return set(keep_models) | cards
+
+
 def _excluded(rel: Path, keep_models: Sequence[str]) -> bool:
     parts = rel.parts
     if parts[0] in EXCLUDED_ROOT_DIRS and len(parts) > 1:
@@ -229,7 +239,7 @@ def _excluded(rel: Path, keep_models: Sequence[str]) -> bool:
         return True
     if any(fnmatch.fnmatch(parts[-1], pattern) for pattern in EXCLUDED_FILE_PATTERNS):
         return True
-    return parts[0] == "models" and len(parts) > 1 and Path(*parts[1:]).as_posix() not in keep_models
+    return parts[0] == "models" and len(parts) > 1 and Path(*parts[1:]).as_posix() not in _with_cards(keep_models)
 
 
 def bundle_files(
@@ -239,7 +249,8 @@ def bundle_files(
 
     Args:
         bundle_dir: the bundle folder.
-        keep_models: paths under ``models/`` to ship; every other file there is left out.
+        keep_models: paths under ``models/`` to ship, each ``.pt`` with the ``model_card.json`` beside
+            it; every other file there is left out.
         skip: a folder to leave out entirely (the output folder when it lies inside the bundle).
     """
     bundle = Path(bundle_dir).resolve()
@@ -282,22 +293,6 @@ def _large_file_entry(bundle: Path, rel: Path, listed: dict | None) -> dict:
         if hash_type in HASH_TYPES and _file_hash(bundle / rel, hash_type) == str(listed["hash_val"]).lower():
             url = listed["url"]
     return {"path": rel.as_posix(), "url": url, "hash_val": sha, "hash_type": "sha256"}
-
-
-def _temp_path(path: Path) -> Path:
-    """A fresh hidden name next to ``path``; opened with mode "xb" it gets the umask's permissions."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _temp_path(path)
-    try:
-        with tmp.open("xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _zip_info(arcname: str) -> zipfile.ZipInfo:
@@ -369,23 +364,21 @@ def package_bundle(
     large_yaml = yaml.safe_dump({"large_files": list(listed.values())}, sort_keys=False).encode() if large else None
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(zip_path)
-    try:
-        with tmp.open("xb") as f, zipfile.ZipFile(f, "w", allowZip64=True) as zf:
-            for rel in files:
+
+    def write_zip(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            for rel in progress(files, f"packaging {name}", unit="file"):
                 info = _zip_info(f"{name}/{rel.as_posix()}")
                 with (bundle / rel).open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
             if large_yaml is not None:
                 zf.writestr(_zip_info(f"{name}/large_files.yml"), large_yaml)
-        if large_yaml is not None:
-            _write_bytes_atomic(sidecar, large_yaml)
-        else:
-            sidecar.unlink(missing_ok=True)  # a stale list from an earlier package would mislead
-        os.replace(tmp, zip_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    replace_atomically(zip_path, write_zip, suffix=".zip")
+    if large_yaml is not None:
+        atomic_write_bytes(large_yaml, sidecar)
+    else:
+        sidecar.unlink(missing_ok=True)  # a stale list from an earlier package would mislead
     if large:
         logger.warning(
             "%d file(s) over %s MB left out of %s and listed in %s: host them and fill in 'url'",

@@ -10,11 +10,9 @@ of the teacher's :class:`~dagman_components.networks.SwinDAGMaN` encoder, with M
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from dagman_components.atomic import atomic_save, atomic_write_png, atomic_write_text
 
 __all__ = [
     "atomic_write_png",
@@ -31,6 +31,9 @@ __all__ = [
     "LoadReport",
     "WeightLoadError",
     "extract_state_dict",
+    "load_weights_only",
+    "is_pickled_objects_refusal",
+    "pickled_objects_error",
     "load_pretrained_encoder",
     "export_encoder",
 ]
@@ -41,47 +44,6 @@ logger = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Containers searched, in this order, when a checkpoint nests its state dict.
 NESTED_KEYS = ("teacher", "state_dict", "model", "network", "student")
-
-
-def _atomic_replace(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a kill
-    at any moment leaves either the old file or the new one, never a truncated one."""
-    _atomic_replace(Path(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write text atomically (see :func:`atomic_save`)."""
-    _atomic_replace(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_png(fig: Any, path: str | os.PathLike) -> None:
-    """Render a matplotlib figure to ``path`` as a PNG, atomically (see :func:`atomic_save`).
-
-    Args:
-        fig: a matplotlib ``Figure`` (left open; close pyplot figures yourself).
-        path: the PNG file.
-    """
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -95,6 +57,48 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 class WeightLoadError(ValueError):
     """A checkpoint could not be loaded into the target network; the message names the file."""
+
+
+def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu", what: str = "weights") -> Any:
+    """``torch.load(path, weights_only=True)`` with short errors that name the file.
+
+    Every weight and checkpoint file of the bundles is read through this function. A file that holds
+    pickled Python objects (anything beyond tensors, numbers, strings and containers) is refused:
+    unpickling it could run code from the file, so it is never loaded.
+
+    Args:
+        path: the file to read.
+        map_location: device mapping for ``torch.load``.
+        what: what the file is, for the message (``"pretrained weights"``, ``"checkpoint"``).
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        WeightLoadError: the file is missing, unreadable, damaged, or holds pickled objects.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightLoadError(f"{what} file '{path}' does not exist.") from e
+    except Exception as e:  # corrupt, truncated, or pickled objects that weights_only refuses
+        if is_pickled_objects_refusal(e):
+            raise pickled_objects_error(path, what) from None
+        raise WeightLoadError(f"cannot read {what} '{path}': {e}") from e
+
+
+def is_pickled_objects_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is ``torch.load(weights_only=True)`` refusing a pickled object."""
+    return "Weights only load failed" in str(error)
+
+
+def pickled_objects_error(path: str | os.PathLike, what: str = "weights") -> WeightLoadError:
+    """Our message for a file that holds pickled Python objects (torch's own text suggests
+    ``weights_only=False``, which would run code from the file)."""
+    return WeightLoadError(
+        f"{what} file '{path}' holds pickled Python objects, not only tensors, and will not be loaded: "
+        "unpickling could run code from the file. Save the tensors only (a state_dict) and load that."
+    )
 
 
 @dataclass
@@ -176,10 +180,7 @@ def load_pretrained_encoder(
     path = str(path)
     if not os.path.isfile(path):
         raise WeightLoadError(f"pretrained weights '{path}' do not exist; run the pretraining bundle or fix the path.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or pickled objects that weights_only refuses
-        raise WeightLoadError(f"cannot read pretrained weights '{path}': {e}") from e
+    checkpoint = load_weights_only(path, what="pretrained weights")
     source = extract_state_dict(checkpoint)
     own = target.state_dict()
     wanted = {k[len(key_prefix) :]: k for k in own if k.startswith(key_prefix)}
@@ -197,9 +198,12 @@ def load_pretrained_encoder(
             report.loaded.append(full)
     report.unexpected = sorted(set(source) - set(wanted))
     if mismatched:
+        card = os.path.join(os.path.dirname(os.path.abspath(path)), "model_card.json")
         raise WeightLoadError(
             f"'{path}' was saved from another architecture ({len(mismatched)} shape mismatches, e.g. "
-            f"{'; '.join(mismatched[:3])}). Build the network with the settings in the weights' model card."
+            f"{'; '.join(mismatched[:5])}). Build the network with the settings in the weights' model card"
+            + (f"; if it was built from '{card}', that card does not describe these weights: use the card "
+               f"written with them." if os.path.isfile(card) else ".")
         )
     if report.loaded_fraction < min_loaded_fraction:
         raise WeightLoadError(

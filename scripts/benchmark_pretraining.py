@@ -1,17 +1,29 @@
 #!/usr/bin/env python
-"""Benchmark one DAGMaN training step against a SimMIM-like masked-reconstruction step.
+"""Benchmark a DAGMaN training step against a plain masked-image-modelling step and the bare backbone.
 
-Both use the same Swin backbone, input size and batch (two views of ``--batch`` volumes), the same
-mask grid and ratio, AdamW, and one process. Reported: median step time of each, their ratio, the
-share of the DAGMaN step spent in the teacher pass, the semantic-attention block, the projection
-heads and the losses (forward time from ``torch.profiler`` ranges; backward time is not attributed
-to them), the peak memory of each step (CUDA: max allocated; CPU: peak RSS above the idle process,
-sampled every 2 ms), and achieved GFLOP/s (``torch.utils.flop_counter``). The last line printed is
-one JSON object.
+Arms, all on the same Swin backbone, input size and batch (two views of ``--batch`` volumes):
+
+- ``backbone``: MONAI's ``SwinTransformer`` forward and backward only (no heads, no optimizer);
+- ``mim``: a SimMIM-like step (random masks on the same grid and ratio, L1 reconstruction, AdamW);
+- ``dagman``: one full DAGMaN step (noisy teacher pass, attention-guided masks, student, four
+  losses, AdamW, EMA);
+- ``dagman_bf16_teacher`` (fp32 only): the DAGMaN step with only the teacher pass in bf16;
+- ``matmul``: a square matmul of the same dtype, the machine's practical peak.
+
+Each arm runs in fp32 and, where the device computes bf16 natively (AMX / AVX512-BF16 CPUs, CUDA),
+in bf16 autocast. After discarded warm-up steps the arms are timed **interleaved**, one step of each
+per round, and medians over the rounds are reported, so that load from other jobs on a shared
+machine hits every arm alike. Reported per arm: median seconds per step, GFLOP/s (FLOPs from
+``torch.utils.flop_counter``), that rate as a fraction of the bare backbone's of the same dtype and
+of the matmul peak, and peak memory (the first step of the arm alone in a fresh process: CUDA max
+allocated, or CPU RSS above the built arm's, sampled every 2 ms); then the DAGMaN / MIM time and FLOP ratios side by side,
+the bf16 speed-up, and the share of the fp32 DAGMaN step in the teacher pass, the semantic-attention
+block, the projection heads and the losses (forward ranges of ``torch.profiler``). The last line
+printed is one JSON object.
 
 Example::
 
-    python scripts/benchmark_pretraining.py --roi 64 --batch 2
+    python scripts/benchmark_pretraining.py --roi 64 --batch 2 --rounds 5
 """
 
 from __future__ import annotations
@@ -22,16 +34,20 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from monai.networks.nets.swin_unetr import SwinTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dagman_components.engines import CoDistillationTrainer  # noqa: E402
+from dagman_components.engines.co_distillation_trainer import autocast_settings, cpu_has_native_bf16  # noqa: E402
 from dagman_components.handlers import ema_update  # noqa: E402
 from dagman_components.losses import DAGMaNLoss, masked_l1  # noqa: E402
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask  # noqa: E402
@@ -92,40 +108,47 @@ def encoder_kwargs(args) -> dict:
             "patch_size": 2, "drop_path_rate": 0.1}
 
 
-def build_dagman(args, device):
+
+Step = Callable[[dict], None]
+
+
+def build_dagman(args, device: torch.device, amp: bool, teacher_amp: bool = False) -> Step:
+    """One DAGMaN optimizer step (teacher pass, masks, student, losses, AdamW, EMA)."""
     student = DAGMaNPretrainNetwork(SwinDAGMaN(**encoder_kwargs(args)), out_dim=args.out_dim).to(device)
     teacher = make_teacher(student)
     opt = torch.optim.AdamW(param_groups_weight_decay(student), lr=1e-4, foreach=True)
     trainer = CoDistillationTrainer(
         device=device, max_epochs=1, train_data_loader=[None], network=student, teacher=teacher, optimizer=opt,
         loss_function=DAGMaNLoss(args.out_dim).to(device), masking=AttentionGuidedMasking(),
-        patch_dropout=PatchDropout(0.7), freeze_last_layer_iterations=0, amp=args.amp, diagnostics=False, seed=0,
+        patch_dropout=PatchDropout(0.7), freeze_last_layer_iterations=0, amp=amp, amp_dtype="bfloat16"
+        if device.type == "cpu" else "auto", teacher_amp=teacher_amp, diagnostics=False, seed=0,
     )
     trainer.scaler = torch.amp.GradScaler(device.type, enabled=trainer.amp and trainer.amp_dtype == torch.float16)
     trainer.state.epoch, trainer.state.iteration = 1, 1
 
-    def step(batch):
+    def step(batch: dict) -> None:
         trainer._iteration(trainer, batch)
         ema_update(teacher, student, 0.996)
 
     return step
 
 
-def build_baseline(args, device):
+def build_mim(args, device: torch.device, amp: bool) -> Step:
+    """One SimMIM-like step: random masks on the SA grid, L1 reconstruction, AdamW."""
     net = MaskedReconstructionNetwork(SwinDAGMaN(**encoder_kwargs(args), sa_stage=None)).to(device)
     opt = torch.optim.AdamW(param_groups_weight_decay(net), lr=1e-4, foreach=True)
     masking = AttentionGuidedMasking("random").set_random_state(0)
     enc = net.encoder
-    amp = args.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    enabled, dtype = autocast_settings(device, amp, "bfloat16" if device.type == "cpu" else "auto")
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
 
-    def step(batch):
-        x = torch.cat([batch["image"], batch["image_2"]]).to(device)
+    def step(batch: dict) -> None:
+        x = torch.cat([batch["image"], batch["image_2"]])
         grid = [s // enc.sa_stride for s in x.shape[2:]]
         cells = masking(None, grid, batch_size=x.shape[0]).to(device)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=enabled):
             recon = net(x, mask=upsample_mask(cells, grid, enc.patches_per_sa_cell))
-            loss = masked_l1(recon, x, upsample_mask(cells, grid, enc.sa_stride))
+            loss = masked_l1(recon.float(), x, upsample_mask(cells, grid, enc.sa_stride))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -134,21 +157,90 @@ def build_baseline(args, device):
     return step
 
 
-def time_steps(step, batch, device, warmup: int, steps: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step(batch)
+def build_backbone(args, device: torch.device, amp: bool) -> Step:
+    """Forward and backward of MONAI's bare ``SwinTransformer`` on both views (no optimizer)."""
+    kwargs = encoder_kwargs(args)
+    net = SwinTransformer(in_chans=1, embed_dim=kwargs["embed_dim"], window_size=(4, 4, 4), patch_size=(2, 2, 2),
+                          depths=kwargs["depths"], num_heads=kwargs["num_heads"], drop_path_rate=0.1,
+                          spatial_dims=3).to(device)
+    enabled, dtype = autocast_settings(device, amp, "bfloat16" if device.type == "cpu" else "auto")
+
+    def step(batch: dict) -> None:
+        x = torch.cat([batch["image"], batch["image_2"]])
+        with torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            loss = net(x)[-1].float().mean()
+        net.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return step
+
+
+def build_matmul(args, device: torch.device, amp: bool) -> tuple[Step, float]:
+    """A square matmul of the arm's dtype, and its FLOPs (2 n^3)."""
+    n = args.matmul_size
+    dtype = torch.bfloat16 if amp else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def step(batch: dict) -> None:
+        torch.mm(a, b)
+
+    return step, 2.0 * n**3
+
+
+def time_once(step: Step, batch: dict, device: torch.device) -> float:
     sync(device)
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(steps):
-            t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    step(batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(steps: dict[str, Step], batch: dict, device: torch.device, warmup: int,
+                        rounds: int) -> dict[str, float]:
+    """Median seconds per step of each arm, the arms timed one step each per round, in turn."""
+    for _ in range(warmup):
+        for step in steps.values():
             step(batch)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem.peak
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            times[name].append(time_once(step, batch, device))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def flops_of(step, batch) -> float:
+def build_arms(args, device: torch.device, dtypes: list[str], only: str | None = None) -> tuple[dict[str, Step], dict[str, float]]:
+    """The benchmark's arms (or only the one named ``only``) and the matmul FLOPs."""
+    builders: dict[str, Callable[[], Step]] = {}
+    for d in dtypes:
+        amp = d == "bf16"
+        builders[f"backbone_{d}"] = lambda amp=amp: build_backbone(args, device, amp)
+        builders[f"mim_{d}"] = lambda amp=amp: build_mim(args, device, amp)
+        builders[f"dagman_{d}"] = lambda amp=amp: build_dagman(args, device, amp)
+        if d == "fp32" and bf16_available(device):
+            builders["dagman_fp32_bf16_teacher"] = lambda: build_dagman(args, device, False, teacher_amp=True)
+        builders[f"matmul_{d}"] = lambda amp=amp: build_matmul(args, device, amp)
+    steps, flops = {}, {}
+    for name, build in builders.items():
+        if only is not None and name != only:
+            continue
+        built = build()
+        if name.startswith("matmul"):
+            steps[name], flops[name] = built
+        else:
+            steps[name] = built
+    return steps, flops
+
+
+def peak_memory_mb(arm: str, argv: list[str]) -> float:
+    """Peak memory of one step of ``arm``, measured in a fresh process (CPU RSS cannot be told apart
+    between arms that share a process)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", arm], check=True, capture_output=True,
+                         text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+
+
+def flops_of(step: Step, batch: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -156,7 +248,7 @@ def flops_of(step, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def component_shares(step, batch, device) -> dict[str, float]:
+def component_shares(step: Step, batch: dict, device: torch.device) -> dict[str, float]:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -173,18 +265,26 @@ def component_shares(step, batch, device) -> dict[str, float]:
     return totals
 
 
+def bf16_available(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_native_bf16()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--roi", type=int, default=64, help="cubic view size, divisible by 32")
     p.add_argument("--batch", type=int, default=2, help="volumes per step (two views each)")
     p.add_argument("--embed-dim", type=int, default=48)
-    p.add_argument("--heads", type=int, nargs=4, default=(4, 4, 8, 16))
+    p.add_argument("--heads", type=int, nargs=4, default=(3, 6, 12, 24))
     p.add_argument("--out-dim", type=int, default=8192, help="prototypes K of the projection heads")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one step of every arm each)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded steps of every arm before timing")
+    p.add_argument("--dtypes", nargs="+", default=("fp32", "bf16"), choices=("fp32", "bf16"),
+                   help="bf16 is skipped where the device has no native bf16")
+    p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's peak memory
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.roi % 32:
         p.error(f"--roi {args.roi} is not divisible by 32")
@@ -194,35 +294,48 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     shape = (args.batch, 1, args.roi, args.roi, args.roi)
     batch = {"image": torch.rand(shape, device=device), "image_2": torch.rand(shape, device=device)}
+    dtypes = [d for d in args.dtypes if d == "fp32" or bf16_available(device)]
 
-    base_step = build_baseline(args, device)
-    baseline_s, baseline_mem = time_steps(base_step, batch, device, args.warmup, args.steps)
-    baseline_flops = flops_of(base_step, batch)
-    dag_step = build_dagman(args, device)
-    dagman_s, dagman_mem = time_steps(dag_step, batch, device, args.warmup, args.steps)
-    dagman_flops = flops_of(dag_step, batch)
-    shares = component_shares(dag_step, batch, device)
+    if args.memory_of:
+        steps, _ = build_arms(args, device, dtypes, only=args.memory_of)
+        with PeakMemory(device) as mem:
+            steps[args.memory_of](batch)
+        print(json.dumps({"peak_mb": mem.peak}))
+        return {"peak_mb": mem.peak}
+    steps, flops = build_arms(args, device, dtypes)
+    for name, step in steps.items():
+        if not name.startswith("matmul"):
+            flops[name] = flops_of(step, batch)
+    seconds = interleaved_medians(steps, batch, device, args.warmup, args.rounds)
+    memory = {name: peak_memory_mb(name, argv) for name in steps if not name.startswith("matmul")}
+    shares = component_shares(steps["dagman_fp32"], batch, device) if "dagman_fp32" in steps else {}
 
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "roi": args.roi, "batch": args.batch, "embed_dim": args.embed_dim, "out_dim": args.out_dim, "amp": args.amp,
-        "torch": torch.__version__,
-        "dagman_step_s": round(dagman_s, 4),
-        "baseline_step_s": round(baseline_s, 4),
-        "ratio": round(dagman_s / baseline_s, 3),
-        "share_teacher_pass": round(shares.get("teacher_pass", 0.0), 3),
-        "share_semantic_attention": round(shares.get("semantic_attention", 0.0), 3),
-        "share_projection_heads": round(shares.get("projection_heads", 0.0), 3),
-        "share_losses": round(shares.get("losses", 0.0), 3),
-        "dagman_peak_mb": round(dagman_mem, 1),
-        "baseline_peak_mb": round(baseline_mem, 1),
-        "memory_ratio": round(dagman_mem / baseline_mem, 3) if baseline_mem > 0 else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "dagman_gflop": round(dagman_flops / 1e9, 2),
-        "baseline_gflop": round(baseline_flops / 1e9, 2),
-        "gflop_per_s": round(dagman_flops / 1e9 / dagman_s, 2),
-        "baseline_gflop_per_s": round(baseline_flops / 1e9 / baseline_s, 2),
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "roi": args.roi, "batch": args.batch, "embed_dim": args.embed_dim, "out_dim": args.out_dim,
+        "rounds": args.rounds, "torch": torch.__version__, "timing": "interleaved medians",
     }
+    for name in steps:
+        d = "bf16" if name.endswith("bf16") else "fp32"
+        gflops = flops[name] / 1e9 / seconds[name]
+        result[f"{name}_step_s"] = round(seconds[name], 4)
+        result[f"{name}_gflop_per_s"] = round(gflops, 2)
+        if not name.startswith("matmul"):
+            result[f"{name}_gflop"] = round(flops[name] / 1e9, 2)
+            result[f"{name}_peak_mb"] = round(memory[name], 1)
+            result[f"{name}_of_backbone"] = round(gflops / (flops[f"backbone_{d}"] / 1e9 / seconds[f"backbone_{d}"]), 3)
+            result[f"{name}_of_matmul_peak"] = round(gflops / (flops[f"matmul_{d}"] / 1e9 / seconds[f"matmul_{d}"]), 3)
+    for d in dtypes:
+        result[f"time_ratio_dagman_mim_{d}"] = round(seconds[f"dagman_{d}"] / seconds[f"mim_{d}"], 3)
+        result[f"flop_ratio_dagman_mim_{d}"] = round(flops[f"dagman_{d}"] / flops[f"mim_{d}"], 3)
+    if "dagman_fp32_bf16_teacher" in steps:
+        result["time_ratio_dagman_bf16_teacher_mim_fp32"] = round(seconds["dagman_fp32_bf16_teacher"] / seconds["mim_fp32"], 3)
+    if "bf16" in dtypes and "fp32" in dtypes:
+        result["bf16_speedup_dagman"] = round(seconds["dagman_fp32"] / seconds["dagman_bf16"], 3)
+    result.update({f"share_{k}": round(shares.get(k, 0.0), 3)
+                   for k in ("teacher_pass", "semantic_attention", "projection_heads", "losses")})
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")

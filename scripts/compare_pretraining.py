@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dagman_components.weights import atomic_write_text
+from dagman_components.atomic import atomic_write_text
+from dagman_components.progress import progress
 
 logger = logging.getLogger("compare_pretraining")
 
@@ -213,30 +214,33 @@ def pretrain_variant(variant: str, run_dir: Path, args: argparse.Namespace) -> d
 
 
 def _encoder(run_dir: Path, args: argparse.Namespace) -> torch.nn.Module:
-    from dagman_components.metrics.diversity_report import load_encoder_from_card
+    from dagman_components.encoder_io import prepare_encoder
 
-    return load_encoder_from_card(run_dir / "models" / "model.pt", device=args.device, seed=args.seed)
+    return prepare_encoder(run_dir / "models" / "model.pt", seed=args.seed).to(args.device)
 
 
 def nodule_images(nodules: str, cache: Path) -> dict[str, Any]:
     """Every labelled nodule of the table, preprocessed once (classification components: 1 mm, 32^3)
     and cached for all variants."""
     if cache.is_file():
-        return torch.load(cache, weights_only=False)
-    import dagman_components.classification as nc
+        stored = torch.load(cache, weights_only=True)  # tensors, lists of ints and strings only
+        return {"images": stored["images"], "labels": np.array(stored["labels"]),
+                "patients": np.array(stored["patients"]), "ids": list(stored["ids"])}
     from monai.data import Dataset
     from monai.transforms import Compose
-    from tqdm import tqdm
+
+    import dagman_components.classification as nc
 
     items = nc.read_nodule_table(Path(nodules) / "nodules.csv", image_dir=Path(nodules) / "image")
     ds = Dataset(items, Compose(nc.nodule_preprocessing(track_meta=False)))
-    images = torch.stack([ds[i]["image"] for i in tqdm(range(len(ds)), desc="nodules", unit="crop")])
+    images = torch.stack([ds[i]["image"] for i in progress(range(len(ds)), "nodules", unit="crop")])
     data = {"images": images.half(), "labels": np.array([int(it["label"]) for it in items]),
             "patients": np.array([str(it["patient"]) for it in items]), "ids": [str(it["id"]) for it in items]}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    from dagman_components.weights import atomic_save
+    from dagman_components.atomic import atomic_save
 
-    atomic_save(data, cache)
+    atomic_save({"images": data["images"], "labels": data["labels"].tolist(), "patients": data["patients"].tolist(),
+                 "ids": data["ids"]}, cache)
     return data
 
 
@@ -251,10 +255,11 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, token: str, batch: in
 def linear_probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
     """Logistic regression (standardised features, balanced classes) in patient-grouped stratified
     folds (classification components); AUC per fold and of the pooled out-of-fold scores."""
-    import dagman_components.classification as nc
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    import dagman_components.classification as nc
 
     scores = np.zeros(len(y))
     aucs = []
@@ -279,7 +284,11 @@ def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) ->
 
 def evaluate_organ_clustering(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Organ clustering of frozen features (clustering components), with its UMAP PNG."""
-    from dagman_components.clustering import OrganClustering, OrganFeatureExtractor, load_organ_npz
+    from dagman_components.clustering import (
+        OrganClustering,
+        OrganFeatureExtractor,
+        load_organ_npz,
+    )
 
     extractor = OrganFeatureExtractor(args.organ_token, roi_size=32, device=args.device, progress=False)
     m = OrganClustering(load_organ_npz(args.organs), _encoder(run_dir, args), extractor, run_dir / "organ_clustering",
@@ -408,7 +417,7 @@ def plot_results(numbers: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dagman_components.metrics.diversity_report import _save_figure
+    from dagman_components.atomic import atomic_write_png
 
     variants = list(numbers)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -430,7 +439,7 @@ def plot_results(numbers: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     if b.lines:
         b.legend(fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_png(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -493,7 +502,7 @@ def plot_attention_in_mask(outputs: Sequence[Path], variants: Sequence[str], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dagman_components.weights import atomic_write_png
+    from dagman_components.atomic import atomic_write_png
 
     found = {v: [json.loads((Path(o) / v / "attention_in_mask.json").read_text()) for o in outputs
                  if (Path(o) / v / "attention_in_mask.json").is_file()] for v in variants}
@@ -536,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     results = load_results(args.output / "results.json", settings_of(args))
     t0, failed, stopped = time.perf_counter(), [], False
-    for variant in args.variants:
+    for variant in progress(args.variants, "variants", unit="variant"):
         run = results["runs"].setdefault(variant, {})
         for step in args.steps:
             if step in run:

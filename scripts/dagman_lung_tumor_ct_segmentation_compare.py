@@ -23,11 +23,9 @@ import os
 import re
 import sys
 
-from pathlib import Path
-
 import numpy as np
 
-from dagman_components.weights import _atomic_replace, atomic_write_text
+from dagman_components.atomic import atomic_write_png, atomic_write_text
 
 logger = logging.getLogger("dagman_lung_tumor_ct_segmentation_compare")
 _PATIENT = re.compile(r"(LIDC-IDRI-\d+)")
@@ -79,7 +77,6 @@ def compare(runs: dict[str, dict[str, float]]) -> tuple[dict, dict[str, np.ndarr
 
 
 def plot(values: dict[str, np.ndarray], path: str, title: str) -> None:
-    import io
 
     import matplotlib
 
@@ -102,10 +99,7 @@ def plot(values: dict[str, np.ndarray], path: str, title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    _atomic_replace(Path(path), lambda f: f.write(buf.getvalue()))
+    atomic_write_png(fig, path, close=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 if importlib.util.find_spec("dagman_components") is None:  # not installed: use the repository this script is in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dagman_components.atomic import atomic_write_bytes  # noqa: E402
 from dagman_components.clustering import (  # noqa: E402
     ORGANMNIST3D_LABELS,
     SPLITS,
@@ -49,7 +50,6 @@ from dagman_components.clustering import (  # noqa: E402
     save_organ_npz,
     write_csv,
 )
-from dagman_components.clustering.writers import atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger("make_organ_crops")
 

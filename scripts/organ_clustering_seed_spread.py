@@ -27,7 +27,6 @@ if importlib.util.find_spec("dagman_components") is None:  # not installed: use 
 
 from dagman_components.clustering import (  # noqa: E402
     OrganFeatureExtractor,
-    build_frozen_encoder,
     cluster_distances,
     kmeans_agreement,
     knn_cv_accuracy,
@@ -35,6 +34,7 @@ from dagman_components.clustering import (  # noqa: E402
     normalise_features,
     silhouette,
 )
+from dagman_components.encoder_io import prepare_encoder  # noqa: E402
 
 logger = logging.getLogger("organ_clustering_seed_spread")
 COLUMNS = ("intra", "inter", "inter/intra", "silhouette", "knn", "nmi")
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         extract = OrganFeatureExtractor(token, args.roi_size, progress=False)
         runs = {}
         for init, seed in [("pretrained", 0)] + [("random", s) for s in range(args.seeds)]:
-            encoder = build_frozen_encoder(init, args.model_path, seed=seed)
+            weights = args.model_path if init == "pretrained" else None  # random: the same card's architecture
+            encoder = prepare_encoder(weights, card=args.model_path, seed=seed)
             x = normalise_features(extract(encoder, ds.images), args.feature_norm)
             runs[(init, seed)] = scores(x, ds.labels)
         rnd = np.stack([v for (init, _), v in runs.items() if init == "random"])

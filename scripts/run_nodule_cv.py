@@ -47,7 +47,8 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 
 import dagman_components.classification as nc
-from dagman_components.weights import atomic_save, atomic_write_text
+from dagman_components.atomic import atomic_save, atomic_write_text
+from dagman_components.progress import progress
 
 logger = logging.getLogger("run_nodule_cv")
 
@@ -94,9 +95,9 @@ def parse_inits(specs: Sequence[str]) -> dict[str, str]:
         name, _, path = spec.partition("=")
         if not name or not path:
             raise SystemExit(f"--init expects NAME=PATH or NAME=random, got {spec!r}")
-        if path.lower() not in nc.network.RANDOM_INIT and not os.path.isfile(path):
+        if path != "random" and not os.path.isfile(path):
             raise SystemExit(f"--init {name}: weights '{path}' do not exist")
-        inits[name] = path if path.lower() not in nc.network.RANDOM_INIT else "random"
+        inits[name] = path
     return inits
 
 
@@ -164,10 +165,9 @@ def encoder_features(bundle: Path, overrides: Mapping[str, Any], cache: Path) ->
     loader = DataLoader(Dataset(items, Compose(parser.get_parsed_content("preprocessing"))), batch_size=16,
                         num_workers=0)
     feats: dict[str, torch.Tensor] = {}
-    for batch in loader:
+    for batch in progress(loader, "encoder features", unit="batch"):
         out = net.features(batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"])
         feats.update({case: f.clone() for case, f in zip(batch["id"], out)})
-        logger.info("features: %d / %d", len(feats), len(items))
     atomic_save(feats, cache)
     return feats
 
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = [(i, m, f, k) for m in args.modes for i in inits for f in args.fractions for k in folds]
     todo = [p for p in plan if "|".join(map(str, p)) not in results["runs"]]
     logger.info("%d runs planned, %d done, %d to do", len(plan), len(plan) - len(todo), len(todo))
-    for n, (init, mode, fraction, fold) in enumerate(todo, start=1):
+    for n, (init, mode, fraction, fold) in enumerate(progress(todo, "CV runs", unit="run"), start=1):
         if args.max_minutes and time.monotonic() - start > 60 * args.max_minutes:
             logger.warning("--max_minutes %.0f reached: %d run(s) left; rerun the same command to continue",
                            args.max_minutes, len(todo) - n + 1)
@@ -301,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = "|".join(map(str, (init, mode, fraction, fold)))
         logger.info("run %d/%d: %s", n, len(todo), key)
         t0 = time.monotonic()
-        run_over = {**overrides, "fold": fold, "few_shot_fraction": fraction, "pretrained_path": inits[init]}
+        weights = None if inits[init] == "random" else inits[init]
+        run_over = {**overrides, "fold": fold, "few_shot_fraction": fraction, "pretrained_path": weights}
         if mode == "linear_probe" and args.lp_backend == "features":
             key_of_features = json.dumps([settings["config_sha256"], overrides, inits[init]], sort_keys=True)
             digest = hashlib.sha256(key_of_features.encode()).hexdigest()[:12]

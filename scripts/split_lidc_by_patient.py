@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dagman_components.weights import atomic_write_text
+from dagman_components.atomic import atomic_write_text
 
 
 def split_patients(patients: Sequence[str], heldout_fraction: float, seed: int) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,3 +37,12 @@ def imported_script(name: str) -> Iterator[ModuleType]:
 def _few_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_error_reporting():
+    """A bundle run in process installs dagman_components.errors' excepthook and log-record factory; undo it."""
+    hook, factory = sys.excepthook, logging.getLogRecordFactory()
+    yield
+    sys.excepthook = hook
+    logging.setLogRecordFactory(factory)

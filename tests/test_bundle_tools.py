@@ -129,6 +129,18 @@ def test_valid_bundle_checks_and_packages_exactly(bundle, tmp_path):
     assert check_bundle(tmp_path / "unpacked" / "demo_bundle") == []  # the zip alone is a valid bundle
 
 
+def test_model_card_travels_with_its_weights(bundle, tmp_path):
+    """encoder_io builds the encoder from models/model_card.json: it ships beside each kept .pt, and only there."""
+    card = b'{"network": "SwinDAGMaN"}'
+    _write(bundle / "models" / "model_card.json", card)
+    _write(bundle / "models" / "other" / "model_card.json", b"{}")  # beside no kept weights: left out
+    with zipfile.ZipFile(package_bundle(bundle, tmp_path / "dist")) as zf:
+        assert set(zf.namelist()) == SHIPPED | {"demo_bundle/models/model_card.json"}
+        assert zf.read("demo_bundle/models/model_card.json") == card
+    with zipfile.ZipFile(package_bundle(bundle, tmp_path / "ts_only", keep_models=("model.ts",))) as zf:
+        assert not any(name.startswith("demo_bundle/models/") for name in zf.namelist())  # no weights, no card
+
+
 def test_zip_is_reproducible(bundle, tmp_path):
     first = package_bundle(bundle, tmp_path / "a").read_bytes()
     assert package_bundle(bundle, tmp_path / "b").read_bytes() == first

@@ -178,7 +178,7 @@ def _cat(batches: list[dict]) -> dict:
 
 
 def _train(loader, accumulate_steps: int, student, teacher, amp: bool = False, max_epochs: int = 1,
-           freeze_last_layer_iterations: int = 0, lr: float = 0.5):
+           freeze_last_layer_iterations: int = 0, lr: float = 0.5, teacher_amp: bool = False):
     """Train with plain SGD (the update is -lr * gradient, so updates compare exactly) and an EMA handler."""
     loss = DAGMaNLoss(out_dim=K)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr)
@@ -186,6 +186,7 @@ def _train(loader, accumulate_steps: int, student, teacher, amp: bool = False, m
         device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=student, teacher=teacher,
         optimizer=optimizer, loss_function=loss, masking=AttentionGuidedMasking("attention_high"),
         patch_dropout=PatchDropout(0.0), accumulate_steps=accumulate_steps, amp=amp, amp_dtype="bfloat16",
+        teacher_amp=teacher_amp,
         freeze_last_layer_iterations=freeze_last_layer_iterations, warmup_teacher_temp=0.04, teacher_temp=0.07,
         warmup_teacher_temp_iterations=3, train_handlers=[TeacherEMAHandler(teacher, base_momentum=0.9)], seed=0,
     )
@@ -268,6 +269,22 @@ def test_bf16_step_is_finite_and_close_to_the_fp32_step():
     d16 = torch.cat([(v - init[k]).flatten() for k, v in s16.state_dict().items() if v.is_floating_point()])
     assert torch.isfinite(d16).all() and d16.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.98  # same direction of the whole update
+
+
+def test_bf16_teacher_with_fp32_student_is_close_to_fp32():
+    batches = _batches(1)
+    s32, t32 = _networks()
+    s_mix, t_mix = copy.deepcopy(s32), copy.deepcopy(t32)
+    fp32, loss32, _ = _train(batches, 1, s32, t32, lr=1e-2)
+    mixed, loss_mix, _ = _train(batches, 1, s_mix, t_mix, lr=1e-2, teacher_amp=True)
+    assert mixed.teacher_amp and not mixed.amp and not fp32.teacher_amp
+    for name in ("cls_ce.center", "patch_ce.center", "global_ce.center"):  # centres stay float32
+        assert loss_mix.state_dict()[name].dtype == torch.float32
+    a, b = fp32.state.output["scalars"], mixed.state.output["scalars"]
+    assert a["loss_amip"] == pytest.approx(b["loss_amip"], rel=1e-5)  # the student's reconstruction is fp32
+    assert a["loss"] != b["loss"]  # the teacher did run in bf16
+    for term in ("loss", "loss_aitd", "loss_gitd", "loss_ampd"):
+        assert math.isfinite(b[term]) and b[term] == pytest.approx(a[term], rel=0.02, abs=1e-3), term
 
 
 def test_autocast_settings():

@@ -16,17 +16,13 @@ from dagman_components.handlers.attention_diversity import AttentionDiversityHan
 from dagman_components.metrics.diversity_report import (
     diversity_report,
     encoder_stage_diversity,
-    load_encoder_from_card,
     volume_loader,
 )
+from dagman_components.encoder_io import prepare_encoder
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
-from dagman_components.visualize.attention_overlay import (
-    attention_overlay_figure,
-    attention_volume,
-    overlay_rows,
-    save_rgb_png,
-)
+from dagman_components.visualize.attention_overlay import attention_overlay_figure, attention_volume
+from dagman_components.visualize.heatmap import OUTLINE_COLOUR, plot_attention_slices
 from dagman_components.weights import export_encoder
 
 CONFIGS = REPO / "bundles" / "dagman_ct_pretraining" / "configs"
@@ -64,7 +60,7 @@ def test_diversity_report_writes_json_and_one_png_per_stage(tiny_checkpoint, tmp
         assert s["distance_entropy_bits"]["mean"] == pytest.approx(np.mean(values))
         assert s["distance_entropy_bits"]["std"] == pytest.approx(np.std(values))
     # the first volume's numbers are those of the encoder run directly on the same preprocessed crop
-    encoder = load_encoder_from_card(tiny_checkpoint)
+    encoder = prepare_encoder(tiny_checkpoint)
     image = volume_loader([{"image": CT}], 32, spacing=(4.0, 4.0, 4.0))[0]["image"].unsqueeze(0)
     direct, _ = encoder_stage_diversity(encoder, image)
     assert rep["stages"]["stage2"]["distance_entropy_bits"]["values"][0] == pytest.approx(
@@ -124,18 +120,42 @@ def test_handler_is_off_by_default_and_the_override_file_adds_it(tmp_path):
     assert handler.network is parser.get_parsed_content("teacher")
 
 
-def test_overlay_png_has_the_exact_size(tiny_checkpoint, tmp_path):
-    imgs = [np.random.default_rng(i).random((32, 32, 32)) for i in range(2)]
-    rgb = overlay_rows(imgs, imgs, slices=3, scale=2)
-    png = save_rgb_png(rgb, tmp_path / "synthetic.png")
-    assert mpimg.imread(png).shape[:2] == (2 * 32 * 2, 2 * 3 * 32 * 2)
-    info = attention_overlay_figure(tiny_checkpoint, [{"image": CT}], tmp_path / "overlay.png", slices=2, scale=3)
-    assert mpimg.imread(tmp_path / "overlay.png").shape[:2] == (32 * 3, 2 * 2 * 32 * 3) == tuple(info["shape"])
-    encoder = load_encoder_from_card(tiny_checkpoint)
+def test_heat_map_has_a_colour_bar_an_outline_and_transparent_low_attention(tmp_path):
+    image = np.full((32, 32, 32), 0.5)
+    attention = np.zeros((32, 32, 32))
+    attention[16:, 16:, :] = 1.0  # one attended block
+    mask = np.zeros((32, 32, 32))
+    mask[4:12, 4:12, :] = 1
+    fig = plot_attention_slices([image], [attention], [mask], slices=2, title="t")
+    panels = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "attention"]
+    assert len(panels) == 4 and len(bars) == 1  # CT and CT + attention per slice, one colour bar
+    assert all(ax.collections for ax in panels)  # the mask's outline on every panel
+    fig.savefig(tmp_path / "heat.png", dpi=110)
+    overlay = panels[1].images[1].get_array()
+    assert overlay.shape == (32, 32, 4)
+    assert overlay[..., 3].min() == 0.0 and overlay[..., 3].max() == pytest.approx(0.75)  # low attention: transparent
+    rgb = mpimg.imread(tmp_path / "heat.png")[..., :3]
+    cyan = np.all(np.abs(rgb - np.array([0.0, 1.0, 1.0])) < 0.1, axis=-1)
+    assert OUTLINE_COLOUR == "cyan" and cyan.sum() > 20
+    with pytest.raises(ValueError, match="as many attention maps"):
+        plot_attention_slices([image], [])
+
+
+@pytest.mark.parametrize("sa_stage, grid, cell", [(3, [2, 2, 2], [64.0] * 3), (2, [4, 4, 4], [32.0] * 3)])
+def test_overlay_shows_the_sa_grid_and_its_cell_size(tmp_path, sa_stage, grid, cell):
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    export_encoder(SwinDAGMaN(**{**TINY_ENCODER, "sa_stage": sa_stage}),
+                   path, {**CARD, "network": {**CARD["network"], "sa_stage": sa_stage}})
+    info = attention_overlay_figure(path, [{"image": CT, "mask": CT}], tmp_path / "overlay.png", slices=2)
+    assert info["sa_grid"] == grid and info["cell_mm"] == cell
+    assert mpimg.imread(tmp_path / "overlay.png").shape[2] in (3, 4)
+    encoder = prepare_encoder(path)
     att = attention_volume(encoder, torch.rand(1, 1, 32, 32, 32))
     assert att.shape == (32, 32, 32) and att.min() == 0.0 and att.max() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="as many attention maps"):
-        overlay_rows(imgs, imgs[:1])
+    # nearest upsampling: one value per SA cell, so the picture shows the true cells
+    assert len(np.unique(att)) == int(np.prod(grid))
 
 
 @pytest.mark.parametrize("masking", ["attention_hint", "attention_high", "random"])
@@ -264,3 +284,14 @@ def test_compare_pretraining_failure_skips_the_variants_evaluations(compare, tmp
             "--output", str(tmp_path / "out"), "--variants", "smit"]
     assert compare.main(argv) == 1 and calls == ["smit"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["smit"] == {}
+
+
+def test_nodule_cache_holds_no_pickled_objects_and_reads_back_equal(compare, tmp_path):
+    cache = tmp_path / "cache" / "nodules.pt"
+    first = compare.nodule_images(str(DATA / "lidc_nodules_sample"), cache)
+    stored = torch.load(cache, weights_only=True)  # would refuse numpy arrays or other pickled objects
+    assert set(stored) == {"images", "labels", "patients", "ids"} and isinstance(stored["labels"], list)
+    again = compare.nodule_images(str(DATA / "lidc_nodules_sample"), cache)
+    assert torch.equal(first["images"], again["images"]) and first["ids"] == again["ids"]
+    assert np.array_equal(first["labels"], again["labels"]) and np.array_equal(first["patients"], again["patients"])
+    assert len(first["ids"]) == 24 and first["images"].shape[1:] == (1, 32, 32, 32)

@@ -118,3 +118,43 @@ def test_patch_dropout_rate_and_independence():
     assert PatchDropout(0.0)(2, (4, 4, 4)) is None
     with pytest.raises(ValueError, match="patch-dropout"):
         PatchDropout(1.0)
+
+
+def _per_image_reference(scores: np.ndarray, strategy: str, rule: str) -> np.ndarray:
+    """The per-image numpy rule the batched masking replaced (deterministic strategies only)."""
+    n = scores.shape[1]
+    c = masking_counts(n, 0.7, 0.1)
+    out = np.zeros_like(scores, dtype=bool)
+    for i, row in enumerate(scores):
+        order = np.argsort(-row, kind="stable")
+        if strategy == "attention_low":
+            out[i, order[n - c["num_masked"]:]] = True
+        elif strategy == "attention_high" or rule == "attmask":
+            out[i, order[: c["num_masked"]]] = True
+        else:
+            out[i, order[c["hint_pool"]: c["hint_pool"] + c["num_masked"]]] = True
+    return out
+
+
+@pytest.mark.parametrize("strategy,rule", [("attention_high", "attmask"), ("attention_low", "attmask"),
+                                          ("attention_hint", "literal"), ("attention_hint", "attmask")])
+def test_batched_masks_equal_the_per_image_rule(strategy, rule):
+    gen = torch.Generator().manual_seed(0)
+    s = torch.rand(5, N, generator=gen)
+    s[:, 100:140] = 0.5  # ties are broken by position, as numpy's stable argsort does
+    reference = _per_image_reference(s.numpy(), strategy, rule)
+    m = AttentionGuidedMasking(strategy, hint_rule=rule).set_random_state(1)(s, GRID).numpy()
+    if rule == "literal" or strategy != "attention_hint":
+        np.testing.assert_array_equal(m, reference)
+    else:  # AttMask-Hint: the reference's top round(r*N) cells less 36 hints from the top round(s*N)
+        assert (m <= reference).all() and m.sum(1).tolist() == [358 - 36] * 5
+        order = np.argsort(-s.numpy(), axis=1, kind="stable")
+        for i in range(5):
+            revealed = set(np.flatnonzero(reference[i] & ~m[i]))
+            assert revealed <= set(order[i, :51].tolist())
+
+
+def test_batched_masks_stay_on_the_attention_device_and_dtype():
+    s = torch.rand(2, N, dtype=torch.bfloat16)
+    m = AttentionGuidedMasking()(s, GRID)
+    assert m.dtype == torch.bool and m.device == s.device and m.sum(1).tolist() == [358 - 36] * 2

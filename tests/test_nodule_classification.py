@@ -22,6 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 import dagman_components.classification as nc
+from dagman_components.encoder_io import EncoderSettingError
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
 from dagman_components.weights import WeightLoadError
 
@@ -323,14 +324,18 @@ def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
     assert len(differed) > 60  # every randomly initialised tensor (norms and zero-initialised ones coincide)
     assert all(torch.equal(after[f"encoder.{k}"], v) for k, v in source.items())
     assert torch.equal(before["head.fc.weight"], after["head.fc.weight"])
-    with pytest.raises(WeightLoadError, match="do not exist"):
+    with pytest.raises(FileNotFoundError, match=r"missing.pt' \(config key 'pretrained_path'\) do not exist yet.*make demo"):
         nc.load_encoder_weights(net, tmp_path / "missing.pt")
     torch.save(SwinDAGMaN(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), sa_heads=4).state_dict(), path)
     with pytest.raises(WeightLoadError, match="another architecture"):
         nc.load_encoder_weights(net, path)
     with caplog.at_level(logging.WARNING):
-        assert nc.load_encoder_weights(net, "random") is None
+        assert nc.load_encoder_weights(net, None) is None
+        assert nc.load_encoder_weights(net, "null") is None  # --pretrained_path null on the command line
     assert "RANDOM" in caplog.text
+    for spelling in ("", "random", "none", "None"):  # one spelling of random: null
+        with pytest.raises(EncoderSettingError, match="config key 'pretrained_path'.*set it to null"):
+            nc.load_encoder_weights(net, spelling)
 
 
 # ------------------------------------------------------------------------------------------------ bundle
@@ -367,7 +372,7 @@ def _run(bundle: Path, configs: list[str], **overrides) -> None:
 def trained_bundle(tmp_path_factory):
     """A copy of the bundle trained for one epoch (fine-tuning, random init) on the sample, from the command line."""
     bundle = _copy_bundle(tmp_path_factory.mktemp("b"))
-    _cli_run(bundle, ["train.yaml"], "--pretrained_path", "random", "--max_epochs", "1")
+    _cli_run(bundle, ["train.yaml"], "--pretrained_path", "null", "--max_epochs", "1")
     return bundle
 
 
@@ -457,7 +462,7 @@ def test_multi_gpu_config_runs_under_a_process_group(tmp_path, monkeypatch):
                        "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     bundle = _copy_bundle(tmp_path)
-    _run(bundle, ["train.yaml", "multi_gpu_train.yaml"], pretrained_path="random", max_epochs=1)
+    _run(bundle, ["train.yaml", "multi_gpu_train.yaml"], pretrained_path="null", max_epochs=1)
     assert not torch.distributed.is_initialized()
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "threshold.json").is_file()
     assert "module.encoder.patch_embed.proj.weight" not in torch.load(bundle / "models" / "model.pt", weights_only=True)

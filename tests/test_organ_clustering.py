@@ -23,7 +23,6 @@ from dagman_components.clustering import (
     ORGANMNIST3D_LABELS,
     OrganDataError,
     OrganFeatureExtractor,
-    build_frozen_encoder,
     cluster_distances,
     cut_organ_crops,
     extract_crop,
@@ -35,8 +34,8 @@ from dagman_components.clustering import (
     save_organ_npz,
     silhouette,
 )
-from dagman_components.networks import build_encoder
-from dagman_components.weights import WeightLoadError, export_encoder
+from dagman_components.encoder_io import EncoderSettingError, build_encoder, prepare_encoder
+from dagman_components.weights import export_encoder
 
 BUNDLE = REPO / "bundles" / "dagman_organ_ct_clustering"
 SAMPLE = BUNDLE / "sample_data" / "organ_crops_totalseg_28.npz"
@@ -311,8 +310,8 @@ def test_shipped_sample_is_organmnist3d_layout():
 
 
 def test_random_encoder_is_seeded_frozen_and_features_have_the_token_width():
-    a = build_frozen_encoder("random", seed=1, **TINY_ENCODER)
-    b = build_frozen_encoder("random", seed=1, **TINY_ENCODER)
+    a = prepare_encoder(None, seed=1, **TINY_ENCODER)
+    b = prepare_encoder(None, seed=1, **TINY_ENCODER)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not a.training and not any(p.requires_grad for p in a.parameters())
     crops = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 28), dtype=np.uint8)  # resized to 32^3
@@ -333,22 +332,22 @@ def test_pretrained_encoder_loads_model_pt_with_its_card(tmp_path):
     torch.manual_seed(7)
     source = build_encoder(None, **TINY_ENCODER)
     export_encoder(source, tmp_path / "model.pt", {"network": TINY_ENCODER})
-    enc = build_frozen_encoder("pretrained", tmp_path / "model.pt")
+    enc = prepare_encoder(tmp_path / "model.pt")
     assert all(torch.equal(p, q) for p, q in zip(enc.state_dict().values(), source.state_dict().values()))
     assert enc.load_report.loaded_fraction == 1.0 and len(enc.weights_sha256) == 64
     # random init takes the architecture from the same card (like-for-like comparison), not the weights
-    rnd = build_frozen_encoder("random", tmp_path / "model.pt")
+    rnd = prepare_encoder(None, card=tmp_path / "model.pt")
     assert rnd.embed_dim == 12 and rnd.sa.blocks[0].attn.num_heads == 4
     assert not torch.equal(rnd.state_dict()["sa.cls_token"], source.state_dict()["sa.cls_token"])
 
 
 def test_missing_weights_are_an_error_unless_random(tmp_path):
-    with pytest.raises(WeightLoadError, match=r"model.pt' do not exist.*--init random"):
-        build_frozen_encoder("pretrained", tmp_path / "model.pt")
-    enc = build_frozen_encoder("random", tmp_path / "model.pt", **TINY_ENCODER)  # no card, no weights: fine
-    assert enc.load_report is None
-    with pytest.raises(ValueError, match="pretrained"):
-        build_frozen_encoder("imagenet")
+    with pytest.raises(FileNotFoundError, match=r"model.pt' \(config key 'model_path'\) do not exist.*make demo.*--model_path null"):
+        prepare_encoder(tmp_path / "model.pt")
+    enc = prepare_encoder(None, card=tmp_path / "model.pt", **TINY_ENCODER)  # no card, no weights: fine
+    assert enc.load_report is None and enc.init == "random" and enc.embed_dim == 12
+    with pytest.raises(EncoderSettingError, match="config key 'model_path' is 'random'.*null"):
+        prepare_encoder("random")
 
 
 # ------------------------------------------------------------------------------------------------ crop script
@@ -414,7 +413,8 @@ def _bundle_copy(root: Path, with_weights: bool) -> Path:
     shutil.copytree(BUNDLE / "sample_data", dst / "sample_data")
     if with_weights:
         torch.manual_seed(3)
-        export_encoder(build_encoder(None, **TINY_ENCODER), dst / "models" / "model.pt", {"network": TINY_ENCODER})
+        weights = root / "dagman_ct_pretraining" / "models" / "model.pt"  # where the bundle looks by default
+        export_encoder(build_encoder(None, **TINY_ENCODER), weights, {"network": TINY_ENCODER})
     return dst
 
 
@@ -434,7 +434,7 @@ def test_bundle_run_on_shipped_crops_writes_metrics_csv_and_png(tmp_path):
     metrics = json.loads((out / "clustering_metrics.json").read_text())
     assert metrics["data"]["cases"] == 42 and metrics["data"]["classes"] == 7
     assert metrics["encoder"]["init"] == "pretrained" and metrics["encoder"]["feature_dim"] == 12 * 8
-    assert metrics["encoder"]["weights_sha256"] == json.loads((bundle / "models" / "model_card.json").read_text())["sha256"]
+    assert metrics["encoder"]["weights_sha256"] == json.loads((tmp_path / "dagman_ct_pretraining" / "models" / "model_card.json").read_text())["sha256"]
     fs = metrics["feature_space"]
     assert fs["knn"]["folds"] == 5 and fs["knn"]["k"] == 5 and 0.0 <= fs["knn"]["accuracy_mean"] <= 1.0
     assert metrics["umap_space"]["umap"] == {"n_neighbors": 10, "min_dist": 0.1, "metric": "euclidean", "seed": 0}
@@ -465,5 +465,5 @@ def test_bundle_without_weights_fails_clearly_and_keeps_old_outputs(tmp_path):
     old.write_text("{}")
     result = _run(_bundle_cmd(bundle))
     assert result.returncode != 0
-    assert "model.pt' do not exist" in result.stderr and "--init random" in result.stderr
+    assert "do not exist yet" in result.stderr and "--model_path null" in result.stderr
     assert old.read_text() == "{}"

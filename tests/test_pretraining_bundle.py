@@ -71,11 +71,11 @@ def trained(tmp_path_factory) -> Path:
 
 def test_run_writes_checkpoint_weights_logs_and_plot(trained):
     ck = load_ckpt(trained)
-    assert set(ck) == {"student", "teacher", "optimizer", "lr_scheduler", "loss", "loss_history", "trainer"}
+    assert set(ck) == {"student", "teacher", "optimizer", "lr_scheduler", "loss", "loss_history", "trainer", "settings"}
     assert ck["trainer"]["iteration"] == 4  # 2 volumes, batch 1, 2 epochs
     assert ck["loss"]["cls_ce.center"].abs().sum() > 0  # centres were updated
     card = json.loads((trained / "models" / "model_card.json").read_text())
-    from dagman_components.networks import build_encoder
+    from dagman_components.encoder_io import build_encoder
     from dagman_components.weights import load_pretrained_encoder, sha256_of
 
     assert card["sha256"] == sha256_of(trained / "models" / "model.pt")
@@ -141,7 +141,9 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     parser.read_config([str(bundle / "configs" / c) for c in ("train.yaml", "demo.yaml", "tiny.yaml")])
     parser.update({"bundle_root": str(bundle), "dataset_dir": str(bundle / "datalist.json"), "max_epochs": 3, "num_workers": 0})
     trainer = parser.get_parsed_content("train#trainer")
-    resume = parser.get_parsed_content("train#common_handlers")[0]
+    from dagman_components.handlers import ResumeFromCheckpoint
+
+    resume = next(h for h in parser.get_parsed_content("train#common_handlers") if isinstance(h, ResumeFromCheckpoint))
     resume(trainer)
     assert trainer.state.iteration == it and trainer.state.epoch == it // 2
     teacher = parser.get_parsed_content("teacher").state_dict()
@@ -266,6 +268,9 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(trained, tmp_pat
         run_in_process(bundle, max_epochs=3, embed_dim=24)
     text = messages(info.value)
     assert "cannot resume from" in text and "checkpoint.pt" in text
+    # one line, naming the differing setting and the two ways on, instead of hundreds of size mismatches
+    assert "embed_dim: 12 in the checkpoint, 24 now" in text and "--resume false" in text
+    assert "size mismatch" not in text
     assert (bundle / "models" / "checkpoint.pt").read_bytes() == good
 
 

@@ -17,7 +17,6 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import dagman_components.handlers.probe as probe_module
 from dagman_components.classification.splits import grouped_stratified_folds
 from dagman_components.classification.table import read_nodule_table
 from dagman_components.classification.transforms import nodule_preprocessing
@@ -174,7 +173,7 @@ def test_history_round_trips_and_a_resumed_run_skips_the_baseline(tmp_path):
 
 
 def test_only_rank_zero_probes(tmp_path, monkeypatch):
-    monkeypatch.setattr(probe_module, "_is_main_process", lambda: False)
+    monkeypatch.setenv("RANK", "1")  # a second torchrun process (no process group in this test)
     probe = _probe(tmp_path, network=_PooledEncoder(), interval=1)
     engine = _engine()
     probe.attach(engine)

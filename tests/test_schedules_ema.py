@@ -52,3 +52,24 @@ def test_ema_update_arithmetic():
     assert torch.allclose(teacher.bias, torch.tensor([0.5]))
     with pytest.raises(KeyError, match="no student counterpart"):
         ema_update(nn.Linear(2, 2), nn.Sequential(), 0.9)
+
+
+def test_weight_decay_follows_a_cosine_over_optimizer_steps_and_spares_undecayed_groups():
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import WeightDecaySchedule
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW([{"params": [net.weight], "weight_decay": 0.04}, {"params": [net.bias], "weight_decay": 0.0}])
+    seen = []
+    engine = Engine(lambda e, b: seen.append((opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"])))
+    WeightDecaySchedule(opt, 0.04, 0.4, total_iterations=5).attach(engine)
+    engine.run([0] * 5, max_epochs=1)
+    decayed = [round(w, 6) for w, _ in seen]
+    assert decayed[0] == 0.04 and decayed[-1] == 0.4 and decayed == sorted(decayed)
+    assert decayed[2] == pytest.approx(0.22)  # the cosine's midpoint
+    assert all(b == 0.0 for _, b in seen)
+    resumed = WeightDecaySchedule(opt, 0.04, 0.4, total_iterations=5)
+    assert resumed.value(3) == pytest.approx(decayed[2]) and resumed.value(99) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="weight decay"):
+        WeightDecaySchedule(opt, -0.1, 0.4, 5)

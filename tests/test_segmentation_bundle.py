@@ -23,6 +23,7 @@ import yaml
 from monai.networks.nets import SwinUNETR
 
 from dagman_components.data import DataSourceError
+from dagman_components.encoder_io import EncoderSettingError
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.segmentation import (
     SegmentationPostprocessd,
@@ -84,30 +85,33 @@ def test_encoder_weights_transferred_tensor_by_tensor(tmp_path):
             assert torch.equal(value, decoder_before[key]), key
 
 
-def test_empty_path_keeps_random_init_and_says_so(caplog):
+def test_null_path_keeps_random_init_and_says_so_other_spellings_are_refused(caplog):
     net = _tiny_unetr()
     before = copy.deepcopy(net.state_dict())
-    with caplog.at_level(logging.WARNING, logger="dagman_components.segmentation.encoder_init"):
-        assert init_swin_unetr(net, "") is net
-    assert "randomly initialised" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="dagman_components.encoder_io"):
+        assert init_swin_unetr(net, None) is net
+    assert "pretrained_encoder is null" in caplog.text and "RANDOM" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    for spelling in ("", "random", "None"):
+        with pytest.raises(EncoderSettingError, match="config key 'pretrained_encoder'.*set it to null"):
+            init_swin_unetr(net, spelling)
 
 
 def test_wrong_weights_fail_loudly(tmp_path):
     net = _tiny_unetr()
     # missing file: names the file and the config key
-    with pytest.raises(WeightLoadError, match=r"absent.pt. do not exist.*pretrained_encoder"):
+    with pytest.raises(FileNotFoundError, match=r"absent.pt. \(config key 'pretrained_encoder'\) do not exist.*make demo"):
         init_swin_unetr(net, tmp_path / "absent.pt")
     # settings differ from the model card
     (tmp_path / "wide").mkdir()
     wide, _ = _export_tiny_encoder(tmp_path / "wide", embed_dim=24, num_heads=[3, 6, 12, 24])
-    with pytest.raises(WeightLoadError, match=r"model card.*embed_dim: card \[24\] vs network \[12\]"):
+    with pytest.raises(EncoderSettingError, match=r"embed_dim=12 contradicts embed_dim=24 in the model card '.*wide.model_card.json'"):
         load_swin_unetr_encoder(net, wide)
     # a deeper encoder without its card loads "completely" into the shallower net: refused
     (tmp_path / "deep").mkdir()
     deep, _ = _export_tiny_encoder(tmp_path / "deep", depths=[2, 2, 4, 2])
     os.remove(tmp_path / "deep" / "model_card.json")
-    with pytest.raises(WeightLoadError, match=r"Swin tensors that the network has no place for.*layers3\.0\.blocks\.[23]"):
+    with pytest.raises(WeightLoadError, match=r"encoder tensors that the network has no place for.*layers3\.0\.blocks\.[23]"):
         load_swin_unetr_encoder(net, deep)
     # nothing of the encoder in the file
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
@@ -291,23 +295,19 @@ def _run_bundle(configs: list[str], bundle: Path, *overrides: str) -> subprocess
     return result
 
 
-def _network_overrides() -> list[str]:
-    return ["--embed_dim", str(TINY["embed_dim"]), "--depths", str(TINY["depths"]), "--num_heads", str(TINY["num_heads"])]
-
-
 @pytest.mark.slow
 def test_bundle_train_evaluate_inference_export(tmp_path):
     bundle = tmp_path / "dagman_lung_tumor_ct_segmentation"
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
     items = build_segmentation_datalist(SAMPLE)
     write_datalist(tmp_path / "data.json", {"training": items[:2], "validation": items[2:3], "test": items[3:5]})
-    encoder_dir = tmp_path / "pretrained"
-    encoder_dir.mkdir()
+    encoder_dir = tmp_path / "dagman_ct_pretraining" / "models"  # where the bundle looks by default
+    encoder_dir.mkdir(parents=True)
     encoder_path, encoder = _export_tiny_encoder(encoder_dir)
-    common = ["--dataset_dir", str(tmp_path / "data.json"), *_network_overrides()]
+    common = ["--dataset_dir", str(tmp_path / "data.json")]  # no network settings: they come from the model card
 
     # train: one epoch of two crops, validation at its end -> models/model.pt with key "model"
-    result = _run_bundle(["train.yaml", "demo.yaml"], bundle, *common, "--pretrained_encoder", str(encoder_path),
+    result = _run_bundle(["train.yaml", "demo.yaml"], bundle, *common,
                          "--max_epochs", "1", "--val_interval", "1", "--batch_size", "1", "--num_samples", "1",
                          "--cache_rate", "0")
     log = result.stdout + result.stderr
@@ -327,7 +327,7 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     out = tmp_path / "masks"
     write_datalist(tmp_path / "infer.json", {"test": items[2:5]})
     _run_bundle(["inference.yaml"], bundle, "--dataset_dir", str(tmp_path / "infer.json"), "--output_dir", str(out),
-                "--device", "cpu", "--num_workers", "0", *_network_overrides())
+                "--device", "cpu", "--num_workers", "0", "--cpu_bf16", "false")  # fp32, as the evaluation
     masks = []
     for item in items[2:5]:
         image = nib.load(item["image"])
@@ -345,7 +345,7 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     from monai.bundle import ckpt_export, verify_net_in_out
 
     meta, infer = str(bundle / "configs" / "metadata.json"), str(bundle / "configs" / "inference.yaml")
-    overrides = {"bundle_root": str(bundle), **{k: TINY[k] for k in ("embed_dim", "depths", "num_heads")}}
+    overrides = {"bundle_root": str(bundle)}
     verify_net_in_out("network_def", meta_file=meta, config_file=infer, device="cpu", **overrides)
     ts_path = tmp_path / "model.ts"
     ckpt_export("network_def", filepath=str(ts_path), ckpt_file=str(bundle / "models" / "model.pt"), meta_file=meta,
@@ -422,10 +422,10 @@ def test_train_config_refuses_bad_pair_before_training(tmp_path):
     write_datalist(tmp_path / "data.json", {"training": [good[0], bad], "validation": [good[1]]})
     workflow = ConfigWorkflow(config_file=[str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "demo.yaml")],
                               workflow_type="train", bundle_root=str(bundle), dataset_dir=str(tmp_path / "data.json"),
-                              pretrained_encoder="", **{"train#dataset#cache_rate": 0})
+                              pretrained_encoder=None, **{"train#dataset#cache_rate": 0})
     with pytest.raises(RuntimeError) as err:  # the config expression's error, caused by the check's
         workflow.initialize()
     assert isinstance(err.value.__cause__, DataSourceError)
     message = str(err.value.__cause__)
     assert "1 of 3 image/label pair(s)" in message and "ct.nii.gz' / label '" in message and "seg.nii.gz" in message
-    assert not (bundle / "models").exists()
+    assert [p.name for p in (bundle / "models").glob("*")] in ([], [".train.lock"])  # nothing but the lock

@@ -10,7 +10,8 @@ import torch.nn as nn
 from conftest import TINY_ENCODER
 from monai.networks.nets import SwinUNETR
 
-from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN, build_encoder
+from dagman_components.encoder_io import build_encoder
+from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
 from dagman_components.weights import WeightLoadError, atomic_save, export_encoder, load_pretrained_encoder, sha256_of
 
 
@@ -99,3 +100,64 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         atomic_save({"a": Unpicklable()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+class PickledThing:
+    """A custom class: torch.save pickles it, torch.load(weights_only=True) refuses it."""
+
+    def __init__(self) -> None:
+        self.value = torch.ones(2)
+
+
+def test_file_with_pickled_objects_is_refused_in_our_words(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": nn.Linear(2, 2).state_dict(), "extra": PickledThing()}, path)
+    with pytest.raises(WeightLoadError) as info:
+        load_pretrained_encoder(SwinDAGMaN(**TINY_ENCODER), path)
+    message = str(info.value)
+    assert str(path) in message and "pickled Python objects" in message and "will not be loaded" in message
+    assert "weights_only=False" not in message and info.value.__cause__ is None  # torch's advice is not passed on
+
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import ResumeFromCheckpoint
+
+    net = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(WeightLoadError, match="checkpoint .*pickled Python objects"):
+        ResumeFromCheckpoint(path, {"network": net})(Engine(lambda e, b: None))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_bundle_checkpoint_loader_refuses_pickled_objects_in_our_words(tmp_path):
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import WeightsOnlyCheckpointLoader
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": nn.Linear(2, 2).state_dict(), "extra": PickledThing()}, path)
+    loader = WeightsOnlyCheckpointLoader(load_path=str(path), load_dict={"model": nn.Linear(2, 2)})
+    with pytest.raises(WeightLoadError) as info:
+        loader(Engine(lambda e, b: None))
+    assert "pickled Python objects" in str(info.value) and str(path) in str(info.value)
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_checkpoint_without_the_seed_resumes_with_a_warning(tmp_path, caplog):
+    """A checkpoint written before the trainer saved its seed still resumes (not draw-for-draw)."""
+    import logging
+
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import ResumeFromCheckpoint
+
+    net = nn.Linear(2, 2)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"network": net.state_dict(), "trainer": {"iteration": 4, "epoch_length": 2, "max_epochs": 3}}, path)
+    engine = Engine(lambda e, b: None)
+    engine.state.seed = 7
+    engine.state.max_epochs = 3
+    engine.state_dict_user_keys.append("seed")
+    with caplog.at_level(logging.WARNING):
+        ResumeFromCheckpoint(path, {"network": nn.Linear(2, 2)})(engine)
+    assert engine.state.iteration == 4 and engine.state.seed == 7 and "older checkpoint" in caplog.text

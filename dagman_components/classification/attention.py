@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from dagman_components.classification._files import replace_atomically
+from dagman_components.atomic import replace_atomically
 
 __all__ = ["attention_to_voxels", "save_nifti_atomic"]
 

@@ -30,11 +30,22 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.utils import convert_to_tensor
 
+from dagman_components.atomic import atomic_save, atomic_write_text
 from dagman_components.classification.attention import save_nifti_atomic
-from dagman_components.classification.metrics import binary_report, roc_curve, sensitivity_specificity, youden_threshold
-from dagman_components.classification.plots import plot_attention_montage, plot_roc_curves, plot_training_curves
+from dagman_components.classification.metrics import (
+    binary_report,
+    roc_curve,
+    sensitivity_specificity,
+    youden_threshold,
+)
+from dagman_components.classification.plots import (
+    plot_attention_montage,
+    plot_roc_curves,
+    plot_training_curves,
+)
+from dagman_components.distributed import is_main_process
 from dagman_components.networks import unwrap
-from dagman_components.weights import atomic_save, atomic_write_text, sha256_of
+from dagman_components.weights import sha256_of
 
 __all__ = [
     "ScoreCollector",
@@ -46,11 +57,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _as_list(data: Any) -> list:
@@ -159,7 +165,7 @@ class BestClassifierSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
-        if not _is_main_process() or not value > self.best:
+        if not is_main_process() or not value > self.best:
             return
         self.best, self.best_epoch = value, int(engine.state.epoch)
         staged = self.staging / self.model_path.name
@@ -177,7 +183,7 @@ class BestClassifierSaver:
     def publish(self) -> None:
         """Move the staged model and threshold into place (model first). Nothing staged: log and keep
         whatever is there."""
-        if not _is_main_process():
+        if not is_main_process():
             return
         staged = self.staging / self.model_path.name
         if not staged.is_file():
@@ -231,7 +237,7 @@ class ClassificationReportWriter:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         c = self.collector
         info = load_threshold(self.threshold_path, self.model_path) if self.threshold_path else None
@@ -275,15 +281,17 @@ class AttentionOverlayWriter:
         id_key: item key of the case id.
         n_slices: panels of the montage.
         save_input: also save the preprocessed input.
+        mask_key: item key of a nodule mask on the input grid; its outline is drawn when present.
     """
 
     def __init__(self, network: nn.Module, output_dir: str | os.PathLike, image_key: str = "image",
-                 id_key: str = "id", n_slices: int = 8, save_input: bool = True) -> None:
+                 id_key: str = "id", n_slices: int = 8, save_input: bool = True, mask_key: str = "mask") -> None:
         self.network = network
         self.output_dir = Path(output_dir)
         self.image_key, self.id_key = image_key, id_key
         self.n_slices = n_slices
         self.save_input = save_input
+        self.mask_key = mask_key
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
@@ -291,7 +299,7 @@ class AttentionOverlayWriter:
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         net = unwrap(self.network)
         device = next(net.parameters()).device
@@ -310,8 +318,14 @@ class AttentionOverlayWriter:
             if self.save_input:
                 save_nifti_atomic(array, affine, self.output_dir / f"{case}_input.nii.gz")
             prob = torch.as_tensor(outputs[i]["pred"]).reshape(-1)[-1].item() if "pred" in outputs[i] else float("nan")
+            mask = item.get(self.mask_key)
+            mask = torch.as_tensor(mask)[0].cpu().numpy() if mask is not None and not isinstance(mask, str) else None
+            stride = int(net.encoder.sa_stride)
+            voxel_mm = np.linalg.norm(affine[:3, :3], axis=0)
             plot_attention_montage(array, attention[i, 0], self.output_dir / f"{case}_attention.png",
-                                   title=f"{case}: p(malignant)={prob:.3f}", n_slices=self.n_slices)
+                                   title=f"{case}: p(malignant)={prob:.3f}", n_slices=self.n_slices, mask=mask,
+                                   sa_grid=[n // stride for n in array.shape],
+                                   cell_mm=[round(stride * float(v), 2) for v in voxel_mm])
 
 
 class TrainingCurveWriter:
@@ -357,11 +371,20 @@ class TrainingCurveWriter:
                 ev.state.epoch == engine.state.epoch:
             self.val_epochs.append(int(engine.state.epoch))
             self.val_metric.append(float(ev.state.metrics[self.metric_name]))
-        if not _is_main_process():
+        if not is_main_process():
             return
         plot_training_curves(self.epochs, self.loss, self.val_epochs, self.val_metric, self.png_path, self.title)
         rows = ["epoch,train_loss," + self.metric_name]
         val = dict(zip(self.val_epochs, self.val_metric))
         rows += [f"{e},{v:.6g},{val.get(e, '')}" for e, v in zip(self.epochs, self.loss)]
         atomic_write_text("\n".join(rows) + "\n", self.png_path.with_suffix(".csv"))
+
+    def state_dict(self) -> dict:
+        """The curves so far (at an epoch end), for a resumed run to continue them."""
+        return {"epochs": self.epochs, "loss": self.loss, "val_epochs": self.val_epochs, "val_metric": self.val_metric}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs, self.loss = [int(e) for e in state["epochs"]], [float(v) for v in state["loss"]]
+        self.val_epochs = [int(e) for e in state["val_epochs"]]
+        self.val_metric = [float(v) for v in state["val_metric"]]
 

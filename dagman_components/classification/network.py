@@ -2,8 +2,9 @@
 # Licensed under the Apache License, Version 2.0.
 """Nodule classifier: the Swin-DAGMaN encoder plus one linear head, for linear probing or fine-tuning.
 
-The encoder is held as ``encoder`` so that DAGMaN weights load with
-``load_pretrained_encoder(net, path, key_prefix="encoder.")`` (see :func:`load_encoder_weights`).
+The encoder is held as ``encoder`` so that DAGMaN weights load with key prefix ``encoder.`` (see
+:func:`load_encoder_weights`); the bundle builds it with :func:`dagman_components.encoder_io.build_encoder`
+from the weights' model card.
 The head reads the [CLS] token of the semantic-attention block (width ``embed_dim * 2**sa_stage``)
 or the average-pooled last Swin stage (``embed_dim * 16``).
 """
@@ -21,14 +22,13 @@ from monai.utils import StrEnum, look_up_option
 from dagman_components.classification.attention import attention_to_voxels
 from dagman_components.networks import SwinDAGMaN, unwrap
 from dagman_components.optim import param_groups_weight_decay
-from dagman_components.weights import LoadReport, load_pretrained_encoder
+from dagman_components.encoder_io import EncoderOutput, require_weights, weights_or_random
+from dagman_components.encoder_io import load_encoder_weights as encoder_io_load
+from dagman_components.weights import LoadReport
 
 __all__ = ["ClassifierMode", "HeadToken", "NoduleClassifier", "load_encoder_weights", "classifier_param_groups"]
 
 logger = logging.getLogger(__name__)
-
-#: ``pretrained_path`` values meaning "no weights" (command lines cannot pass ``None`` through ``fire``).
-RANDOM_INIT = ("", "none", "null", "random")
 
 
 class ClassifierMode(StrEnum):
@@ -42,8 +42,8 @@ class ClassifierMode(StrEnum):
 class HeadToken(StrEnum):
     """Which encoder output the head reads: the SA block's [CLS] token or the pooled last stage."""
 
-    CLS = "cls"
-    GLOBAL = "global"
+    CLS = EncoderOutput.CLS.value
+    GLOBAL = EncoderOutput.GLOBAL.value
 
 
 class NoduleClassifier(nn.Module):
@@ -120,37 +120,36 @@ class NoduleClassifier(nn.Module):
         """The [CLS]-to-patch attention on the input grid, (B, 1, D, H, W), summing to 1 per case
         (:func:`~dagman_components.classification.attention.attention_to_voxels`)."""
         out = self.encode(x)
-        return attention_to_voxels(out["s_att"], out["sa_grid"], self.encoder.sa_stride)
+        return attention_to_voxels(out[EncoderOutput.S_ATT], out[EncoderOutput.SA_GRID], self.encoder.sa_stride)
 
 
-def load_encoder_weights(network: nn.Module, path: str | os.PathLike | None,
-                         min_loaded_fraction: float = 0.9) -> LoadReport | None:
+def load_encoder_weights(network: nn.Module, path: str | os.PathLike | None) -> LoadReport | None:
     """Load DAGMaN encoder weights into ``network.encoder``, or say loudly that there are none.
+
+    The policy is :func:`dagman_components.encoder_io.load_encoder_weights` (every encoder tensor
+    found with its shape, nothing left over).
 
     Args:
         network: a :class:`NoduleClassifier` (DDP-wrapped or not).
         path: ``models/model.pt`` of the pretraining bundle, a full pretraining checkpoint, or a
-            trained classifier's ``model.pt`` (its encoder part). ``None``, ``""``, ``"none"``,
-            ``"null"`` or ``"random"``: random initialisation, logged as a warning so it is never an accident.
-        min_loaded_fraction: share of the encoder's tensors that must load.
+            trained classifier's ``model.pt`` (its encoder part). ``None`` (``null`` in YAML):
+            random initialisation, logged as a warning so it is never an accident; other spellings
+            of "random" are refused (:func:`~dagman_components.encoder_io.weights_or_random`).
 
     Returns:
         The :class:`~dagman_components.weights.LoadReport` (loaded / missing / unexpected), or ``None``.
 
     Raises:
-        dagman_components.weights.WeightLoadError: missing or unreadable file, another architecture,
-            or too little of the encoder found (the encoder is then left untouched).
+        FileNotFoundError: the file is missing (the message names the command that makes it).
+        dagman_components.encoder_io.EncoderSettingError: ``path`` is a look-alike of "random".
+        dagman_components.weights.WeightLoadError: unreadable file, another architecture, or too
+            little of the encoder found.
     """
-    if not path or str(path).strip().lower() in RANDOM_INIT:
-        logger.warning("pretrained_path is empty: the encoder starts from RANDOM initialisation.")
+    weights = weights_or_random(path, "pretrained_path")
+    if weights is None:
         return None
-    report = load_pretrained_encoder(unwrap(network), path, key_prefix="encoder.",
-                                     min_loaded_fraction=min_loaded_fraction)
-    if report.missing:
-        logger.warning("encoder tensors not in '%s' (left as initialised): %s", path, report.missing[:10])
-    if report.unexpected:
-        logger.info("tensors of '%s' not used by the encoder: %s", path, report.unexpected[:10])
-    return report
+    require_weights(weights, key="pretrained_path")
+    return encoder_io_load(unwrap(network), weights, key_prefix="encoder.")
 
 
 def classifier_param_groups(network: nn.Module, lr: float, weight_decay: float = 0.05,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dagman_components.classification._files import replace_atomically
+from dagman_components.atomic import atomic_write_png
 
 __all__ = ["save_png_atomic", "plot_roc_curves", "plot_training_curves", "plot_attention_montage"]
 
@@ -27,10 +27,7 @@ def _pyplot() -> Any:
 
 def save_png_atomic(fig: Any, path: str | os.PathLike) -> None:
     """Render a matplotlib figure to ``path`` through a temporary file and close it."""
-    try:
-        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
-    finally:
-        _pyplot().close(fig)
+    atomic_write_png(fig, path, close=True)
 
 
 def plot_roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float], float]], path: str | os.PathLike,
@@ -67,9 +64,11 @@ def plot_training_curves(epochs: Sequence[int], loss: Sequence[float], val_epoch
 
 
 def plot_attention_montage(image: np.ndarray, attention: np.ndarray, path: str | os.PathLike, title: str = "",
-                           n_slices: int = 8) -> None:
-    """Axial slices (evenly spread over the last axis) of ``image`` with ``attention`` overlaid, its
-    colour scale running from the least (blue) to the most attended voxel (red) of the case.
+                           n_slices: int = 8, mask: np.ndarray | None = None, sa_grid: Sequence[int] | None = None,
+                           cell_mm: Sequence[float] | None = None) -> None:
+    """Axial slices (last axis) of ``image`` with ``attention`` drawn as a heat map over it
+    (:func:`~dagman_components.visualize.heatmap.plot_attention_slices`: sequential colour map,
+    transparent where attention is lowest, colour bar, the nodule's outline when ``mask`` is given).
 
     Args:
         image: (X, Y, Z) intensities (e.g. the [0, 1] network input).
@@ -77,17 +76,14 @@ def plot_attention_montage(image: np.ndarray, attention: np.ndarray, path: str |
         path: PNG path.
         title: figure title (e.g. case id and probability).
         n_slices: number of panels.
+        mask: optional (X, Y, Z) nodule mask on the same grid.
+        sa_grid: the attention grid's shape, added to the title with ``cell_mm``.
+        cell_mm: the size of one attention cell in mm.
     """
-    plt = _pyplot()
-    z = np.linspace(0, image.shape[-1] - 1, num=min(n_slices, image.shape[-1])).round().astype(int)
-    fig, axes = plt.subplots(1, len(z), figsize=(1.6 * len(z), 2.0), dpi=110)
-    vmin, vmax = float(attention.min()), float(attention.max())
-    vmax = vmax if vmax > vmin else vmin + 1e-12  # uniform attention: one colour
-    for ax, k in zip(np.atleast_1d(axes), z):
-        ax.imshow(image[:, :, k].T, cmap="gray", origin="lower", vmin=0, vmax=1)
-        ax.imshow(attention[:, :, k].T, cmap="jet", origin="lower", alpha=0.35, vmin=vmin, vmax=vmax)
-        ax.set_title(f"z={k}", fontsize=7)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    from dagman_components.visualize.heatmap import grid_title, plot_attention_slices
+
+    if sa_grid is not None and cell_mm is not None:
+        title = f"{title}\n{grid_title(sa_grid, cell_mm)}" if title else grid_title(sa_grid, cell_mm)
+    fig = plot_attention_slices([image], [attention], [mask], slices=min(n_slices, image.shape[-1]), axis=2,
+                                title=title, colorbar_label="attention (case min to max)", with_plain_ct=False)
     save_png_atomic(fig, path)

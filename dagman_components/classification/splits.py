@@ -61,7 +61,7 @@ def check_two_classes(items: Sequence[Mapping[str, Any]], split: str) -> None:
 
 
 def grouped_stratified_folds(
-    labels: Sequence[int], groups: Sequence[Any], n_folds: int = 3, seed: int = 0
+    labels: Sequence[int], groups: Sequence[Any], n_folds: int = 3, seed: int = 0, key: str = "n_folds"
 ) -> list[np.ndarray]:
     """Split case indices into ``n_folds`` patient-disjoint folds with similar class balance.
 
@@ -70,6 +70,7 @@ def grouped_stratified_folds(
         groups: one patient id per case.
         n_folds: number of folds (>= 2).
         seed: shuffling seed.
+        key: the setting that chose ``n_folds``, named in the error message.
 
     Returns:
         The sorted case indices of each fold; together they are a partition of ``range(len(labels))``.
@@ -87,7 +88,11 @@ def grouped_stratified_folds(
         raise SplitError(f"n_folds must be at least 2, got {n_folds}.")
     n_groups = len(np.unique(groups))
     if n_groups < n_folds:
-        raise SplitError(f"{n_groups} patient(s) cannot be split into n_folds={n_folds} patient-disjoint folds.")
+        raise SplitError(
+            f"{n_groups} patient(s) cannot be split into {n_folds} patient-disjoint folds ({key}); "
+            + ("raise val_fraction or add data." if key == "val_fraction" else
+               f"lower {key} to at most {max(n_groups, 2)} or add data.")
+        )
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [np.sort(test) for _, test in splitter.split(np.zeros(len(labels)), labels, groups)]
 
@@ -187,7 +192,7 @@ def cv_split(
         train_idx, val_idx, test = rest, sorted(held_out), test_items
     else:
         n_val_folds = max(2, round(1.0 / float(val_fraction)))
-        inner = grouped_stratified_folds(labels[rest], groups[rest], n_val_folds, seed + 1)[0]
+        inner = grouped_stratified_folds(labels[rest], groups[rest], n_val_folds, seed + 1, key="val_fraction")[0]
         inner_set = {rest[i] for i in inner.tolist()}
         train_idx = [i for i in rest if i not in inner_set]
         val_idx = sorted(inner_set)

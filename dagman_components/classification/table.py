@@ -174,7 +174,7 @@ def read_nodule_table(
     """Read a nodule CSV into a datalist ``[{"image", "label", "id", "patient", "row"[, "center"]}, ...]``.
 
     Args:
-        csv_path: the CSV, one row per nodule.
+        csv_path: the CSV, one row per nodule (comma- or semicolon-separated; a UTF-8 byte-order mark is skipped).
         image_dir: folder that relative image paths are resolved against (default: the CSV's folder).
         id_column: a column holding a unique case id, or a template of columns such as
             ``"{patient_id}_R_{nodule_id}"`` (the LIDC default) or ``"{seriesuid}_{row}"`` (``row`` is
@@ -209,7 +209,7 @@ def read_nodule_table(
     if not os.path.isfile(csv_path):
         raise NoduleTableError(f"nodule table '{csv_path}' does not exist; set csv_path (or dataset_dir).")
     try:
-        df = pd.read_csv(csv_path, dtype=object, keep_default_na=True)
+        df = pd.read_csv(csv_path, dtype=object, keep_default_na=True, encoding="utf-8-sig", sep=_separator(csv_path))
     except Exception as e:  # empty file, bad encoding, ragged rows
         raise NoduleTableError(f"cannot read nodule table '{csv_path}': {e}") from e
     if df.empty:
@@ -290,6 +290,17 @@ def read_nodule_table(
     logger.info("%s: %d nodules of %d patients (%d malignant).", csv_path, len(items),
                 len({it["patient"] for it in items}), n_pos)
     return items
+
+
+def _separator(csv_path: str) -> str:
+    """``;`` when the header line has semicolons and no commas (spreadsheets in many European locales
+    save CSV so), else ``,``. A byte-order mark is skipped."""
+    try:
+        with open(csv_path, encoding="utf-8-sig") as stream:
+            header = stream.readline()
+    except (OSError, UnicodeDecodeError):
+        return ","  # pandas reports the problem with the file
+    return ";" if ";" in header and "," not in header else ","
 
 
 def _check_duplicates(items: Sequence[Mapping[str, Any]], csv_path: str, by_center: bool) -> None:

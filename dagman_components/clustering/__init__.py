@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .crops import OrganCrop, Structure, cut_organ_crops, extract_crop, find_structures, load_ct_and_labels
 from .embedding import plot_embedding, umap_embedding
-from .features import EncoderInit, FeatureToken, OrganFeatureExtractor, build_frozen_encoder
+from .features import FeatureToken, OrganFeatureExtractor
 from .metrics import (
     ClusterDistances,
     FeatureNorm,
@@ -35,7 +35,6 @@ __all__ = [
     "SPLITS",
     "ClusterDistances",
     "ClusteringResult",
-    "EncoderInit",
     "FeatureNorm",
     "FeatureToken",
     "OrganClustering",
@@ -45,7 +44,6 @@ __all__ = [
     "OrganFeatureExtractor",
     "Structure",
     "atomic_write_bytes",
-    "build_frozen_encoder",
     "cluster_distances",
     "cut_organ_crops",
     "extract_crop",

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dagman_components.clustering.writers import atomic_write_bytes
+from dagman_components.atomic import atomic_write_bytes
 
 __all__ = ["umap_embedding", "plot_embedding"]
 

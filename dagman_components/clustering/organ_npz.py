@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dagman_components.clustering.writers import atomic_write_bytes
+from dagman_components.atomic import atomic_write_bytes
 
 __all__ = [
     "ORGANMNIST3D_LABELS",

@@ -20,6 +20,7 @@ import numpy as np
 import torch.nn as nn
 from monai.utils import look_up_option
 
+from dagman_components.atomic import atomic_write_bytes
 from dagman_components.clustering.embedding import plot_embedding, umap_embedding
 from dagman_components.clustering.features import OrganFeatureExtractor
 from dagman_components.clustering.metrics import (
@@ -31,7 +32,8 @@ from dagman_components.clustering.metrics import (
     silhouette,
 )
 from dagman_components.clustering.organ_npz import OrganCropSet
-from dagman_components.clustering.writers import atomic_write_bytes, write_csv, write_json
+from dagman_components.clustering.writers import write_csv, write_json
+from dagman_components.progress import progress
 
 __all__ = ["ClusteringResult", "OrganClustering", "OUTPUT_FILES"]
 
@@ -78,7 +80,7 @@ class OrganClustering:
 
     Args:
         dataset: the crops (:func:`~dagman_components.clustering.load_organ_npz`).
-        encoder: the frozen encoder (:func:`~dagman_components.clustering.build_frozen_encoder`);
+        encoder: the frozen encoder (:func:`~dagman_components.encoder_io.prepare_encoder`);
             unused with the ``voxels`` token.
         extractor: an :class:`OrganFeatureExtractor` (token, ROI, batch size, device).
         output_dir: where the files of :data:`OUTPUT_FILES` go.
@@ -93,7 +95,7 @@ class OrganClustering:
 
     Example::
 
-        run = OrganClustering(load_organ_npz("crops.npz"), build_frozen_encoder("random"),
+        run = OrganClustering(load_organ_npz("crops.npz"), prepare_encoder(None),
                               OrganFeatureExtractor("global"), "eval/random_global")
         metrics = run.run()
     """
@@ -152,11 +154,16 @@ class OrganClustering:
         t_features = time.perf_counter() - t0
         x = normalise_features(raw, self.feature_norm)
         labels = ds.labels
-        knn = knn_cv_accuracy(x, labels, k=self.knn_k, folds=self.cv_folds, seed=self.seed)
-        km = kmeans_agreement(x, labels, seed=self.seed)
-        embedding, umap_settings = umap_embedding(
-            x, n_neighbors=self.umap_neighbors, min_dist=self.umap_min_dist, seed=self.seed
-        )
+        steps = {
+            "knn": lambda: knn_cv_accuracy(x, labels, k=self.knn_k, folds=self.cv_folds, seed=self.seed),
+            "kmeans": lambda: kmeans_agreement(x, labels, seed=self.seed),
+            "umap": lambda: umap_embedding(
+                x, n_neighbors=self.umap_neighbors, min_dist=self.umap_min_dist, seed=self.seed
+            ),
+        }
+        done = {name: step() for name, step in progress(steps.items(), "clustering (kNN, k-means, UMAP)",
+                                                        total=len(steps), unit="step")}
+        knn, km, (embedding, umap_settings) = done["knn"], done["kmeans"], done["umap"]
         metrics: dict[str, Any] = {
             "description": self.description,
             "data": {

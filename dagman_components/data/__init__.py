@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 from .datalist import DICOM_EXTENSION, VOLUME_EXTENSIONS, DataSourceError, build_datalist, validate_volumes
+from .fit import available_cpus, check_batch_fits, check_roi_fits, fit_num_workers, volume_extent_mm
+from .resumable import IterationSeeder, ResumableSampler, SamplerPosition, SeededItems, derive_seed
 from .transforms import (
     DEFAULT_SPACING,
     HU_WINDOW,
@@ -20,10 +22,20 @@ __all__ = [
     "HU_WINDOW",
     "VOLUME_EXTENSIONS",
     "DataSourceError",
+    "IterationSeeder",
+    "ResumableSampler",
+    "SamplerPosition",
+    "SeededItems",
     "WarnIfNotHounsfieldd",
+    "available_cpus",
     "build_datalist",
+    "check_batch_fits",
+    "check_roi_fits",
     "check_roi_size",
     "ct_load_and_normalise",
+    "fit_num_workers",
+    "derive_seed",
     "pretraining_transforms",
     "validate_volumes",
+    "volume_extent_mm",
 ]

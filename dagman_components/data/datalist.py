@@ -290,6 +290,38 @@ def _itk_problem(path: str, check_payload: bool) -> str | None:
     return problem
 
 
+def _dicom_series_problem(folder: str) -> str | None:
+    """Why a folder of DICOM files is not one series (MONAI's ``ITKReader`` would read only the first), or None."""
+    import pydicom
+
+    series: dict[str, int] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path) or not _is_dicom_file(path):
+            continue
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        uid = str(header.get("SeriesInstanceUID", "unknown"))
+        series[uid] = series.get(uid, 0) + 1
+    if len(series) < 2:
+        return None
+    listed = ", ".join(f"{uid} ({count} files)" for uid, count in sorted(series.items()))
+    return (f"holds {len(series)} DICOM series mixed in one folder ({listed}); only one would be read. "
+            f"Move each series into its own folder")
+
+
+def _readable(path: str) -> bool:
+    """Whether this process may read the file (or list the folder): permissions and ACLs, by trying."""
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        return False
+    return True
+
+
 def _loader_problem(path: str, reader: Any) -> str | None:
     from monai.transforms import LoadImage
 
@@ -308,7 +340,7 @@ def validate_volumes(
     By default only headers are opened (nibabel for NIfTI, ITK image information for NRRD and
     MetaImage), plus a pass over the voxel bytes that catches truncated files without building
     arrays (``check_payload``). DICOM series folders are loaded with MONAI's ``LoadImage`` and
-    ``ITKReader``. With ``reader`` set, every image is loaded with ``LoadImage(reader=reader)``,
+    ``ITKReader``, after checking that the folder holds one series only. With ``reader`` set, every image is loaded with ``LoadImage(reader=reader)``,
     the way training will read it. A trailing singleton 4th dimension is accepted.
 
     Args:
@@ -318,8 +350,8 @@ def validate_volumes(
         check_payload: also check that the voxel data is complete (reads each file once).
 
     Raises:
-        DataSourceError: listing every unreadable, corrupt, non-3D or too small image (at most 20
-            named, then "and N more").
+        DataSourceError: listing every unreadable, corrupt, non-3D or too small image and every
+            folder with several DICOM series (at most 20 named, then "and N more").
 
     Example:
         >>> validate_volumes(build_datalist("data/lidc_nodules_sample/image"))  # doctest: +SKIP
@@ -335,10 +367,12 @@ def validate_volumes(
             try:
                 if not os.path.exists(path):
                     problem: str | None = "does not exist"
+                elif not _readable(path):
+                    problem = "cannot be read (permission denied); make it readable (chmod a+r) or run as its owner"
                 elif reader is not None:
                     problem = _loader_problem(path, reader)
                 elif os.path.isdir(path):
-                    problem = _loader_problem(path, "ITKReader")
+                    problem = _dicom_series_problem(path) or _loader_problem(path, "ITKReader")
                 elif path.lower().endswith(_NIFTI_EXTENSIONS):
                     problem = _nifti_problem(path, check_payload)
                 else:

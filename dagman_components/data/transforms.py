@@ -39,6 +39,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_numpy, ensure_tuple
 
+from dagman_components.errors import ConfigValueError
+
 __all__ = [
     "HU_WINDOW",
     "DEFAULT_SPACING",
@@ -148,7 +150,8 @@ def check_roi_size(roi_size: int | Sequence[int], divisor: int = 32, key: str = 
         The size as a tuple of three ints.
 
     Raises:
-        ValueError: naming ``key`` when the size is not three positive integers divisible by ``divisor``.
+        ConfigValueError: (a ``ValueError``) naming ``key`` when the size is not three positive integers
+            divisible by ``divisor``, with the nearest sizes that are.
 
     Example:
         >>> check_roi_size(96)
@@ -158,14 +161,18 @@ def check_roi_size(roi_size: int | Sequence[int], divisor: int = 32, key: str = 
     try:
         sides = tuple(sides)
     except TypeError:
-        raise ValueError(f"{key} must be an int or three ints, got {roi_size!r}.") from None
+        raise ConfigValueError(f"{key} must be an int or three ints, got {roi_size!r}.") from None
     if len(sides) != 3 or not all(
         isinstance(s, (int, np.integer, float)) and not isinstance(s, bool) and float(s).is_integer() for s in sides
     ):
-        raise ValueError(f"{key} must be an int or three ints, got {roi_size!r}.")
+        raise ConfigValueError(f"{key} must be an int or three ints, got {roi_size!r}.")
     sides = tuple(int(s) for s in sides)
     if any(s <= 0 or s % divisor for s in sides):
-        raise ValueError(f"{key} must have every side positive and divisible by {divisor}, got {sides}.")
+        nearest = [max(divisor, round(s / divisor) * divisor) for s in sides]
+        raise ConfigValueError(
+            f"{key} must have every side positive and divisible by {divisor}, got {sides}; set --{key} to e.g. "
+            f"{nearest} (the Swin encoder halves the size five times)."
+        )
     return sides  # type: ignore[return-value]
 
 

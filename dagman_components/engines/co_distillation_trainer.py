@@ -14,6 +14,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
+from dagman_components.data.resumable import derive_seed
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
 from dagman_components.networks.pretrain import unwrap
@@ -189,8 +190,14 @@ class CoDistillationTrainer(Trainer):
         amp: mixed precision: float16 with a gradient scaler on CUDA, bfloat16 on a CPU with native
             bf16 (see :func:`autocast_settings`). Softmax, centring and losses stay float32.
         amp_dtype: ``auto``, ``bfloat16`` or ``float16``.
+        teacher_amp: run the teacher pass (no gradients) under mixed precision even when the student
+            trains in float32; resolved like ``amp`` with ``amp_dtype`` (off on a CPU without native
+            bf16). Its targets are still taken in float32.
         diagnostics: compute the collapse diagnostics every step (cheap; off only for benchmarks).
-        seed: seeds ``masking`` and ``patch_dropout`` (``None``: leave them as they are).
+        seed: with a seed, every iteration reseeds ``masking``, ``patch_dropout`` and torch's CPU and
+            CUDA generators (drop path) from ``(seed, iteration)``, so a run resumed from a
+            checkpoint draws what the uninterrupted run drew; the seed is saved with the trainer's
+            state and a resume with another seed is refused. ``None``: leave the generators as they are.
 
     Raises:
         ValueError: when ``view_keys`` does not name two keys, or for a bad ``accumulate_steps``.
@@ -220,6 +227,7 @@ class CoDistillationTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
         amp_dtype: str = "auto",
+        teacher_amp: bool = False,
         diagnostics: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -227,6 +235,7 @@ class CoDistillationTrainer(Trainer):
             raise ValueError(f"view_keys must name the two views, got {view_keys}.")
         device = torch.device(device)
         use_amp, self.amp_dtype = autocast_settings(device, amp, amp_dtype)
+        self.teacher_amp = use_amp or autocast_settings(device, teacher_amp, amp_dtype)[0]
         grouped = MicroBatches(train_data_loader, accumulate_steps) if accumulate_steps != 1 else train_data_loader
         super().__init__(
             device=device,
@@ -256,9 +265,25 @@ class CoDistillationTrainer(Trainer):
         self.compute_diagnostics = diagnostics
         self.state.teacher_temp = self.teacher_temperature(1)
         self.state.teacher_momentum = float("nan")
+        self.seed = seed
         if seed is not None:
-            masking.set_random_state(seed)
-            patch_dropout.set_random_state(seed + 1)
+            self.state.seed = int(seed)
+            self.state_dict_user_keys.append("seed")
+
+    def reseed(self, iteration: int) -> None:
+        """Seed the masks, the patch dropout and torch's generators from ``(seed, iteration)``.
+
+        Raises:
+            ValueError: when the trainer's state (restored from a checkpoint) holds another seed.
+        """
+        if self.state.seed != self.seed:
+            raise ValueError(
+                f"the checkpoint was written by a run with seed {self.state.seed}, this run has seed {self.seed}: "
+                "resume with the same seed, or move the checkpoint away to start from scratch."
+            )
+        self.masking.set_random_state(derive_seed(self.seed, iteration, 0))
+        self.patch_dropout.set_random_state(derive_seed(self.seed, iteration, 1))
+        torch.manual_seed(derive_seed(self.seed, iteration, 2))  # CPU and every CUDA device
 
     def run(self) -> None:  # type: ignore[override]
         """Train; one AMP code path, the scaler being a no-op unless float16 autocast is on."""
@@ -277,6 +302,9 @@ class CoDistillationTrainer(Trainer):
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.state.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
+    def _teacher_autocast(self) -> torch.autocast:
+        return torch.autocast(self.state.device.type, dtype=self.amp_dtype, enabled=self.teacher_amp)
+
     def _forward_micro_batch(self, batchdata: dict, tau_t: float) -> dict:
         """Teacher pass, masks, student pass and losses of one micro-batch (no backward)."""
         dev = self.state.device
@@ -287,7 +315,7 @@ class CoDistillationTrainer(Trainer):
         patch_grid = [s // int(encoder.patch_size[0]) for s in u.shape[2:]]
         sa_grid = [s // encoder.sa_stride for s in u.shape[2:]]
         both = torch.cat([u, v])
-        with torch.no_grad(), self._autocast(), torch.profiler.record_function("dagman/teacher_pass"):
+        with torch.no_grad(), self._teacher_autocast(), torch.profiler.record_function("dagman/teacher_pass"):
             teacher_out = _split_views(self.teacher(both, token_drop=self.patch_dropout(2 * b, patch_grid, dev)))
             if self.clean_teacher_attention and self.masking.needs_attention:
                 clean = _split_views(self.teacher(both))
@@ -337,6 +365,8 @@ class CoDistillationTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         micro_batches = batchdata if engine.accumulate_steps > 1 else [batchdata]
         k = len(micro_batches)
+        if engine.seed is not None:
+            engine.reseed(engine.state.iteration)
         tau_t = engine.teacher_temperature(engine.state.iteration)
         engine.state.teacher_temp = tau_t
         engine.network.train()

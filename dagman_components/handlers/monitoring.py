@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
+from dagman_components.atomic import atomic_write_png, atomic_write_text
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
-from dagman_components.weights import atomic_write_png, atomic_write_text
 
 __all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "plot_loss_history", "LOSS_KEYS", "DIAGNOSTIC_KEYS"]
 
@@ -204,9 +204,9 @@ class LossHistoryPlotter:
             self.history[k].append(float(scalars.get(k, float("nan"))))
 
     def write(self, engine: Engine | None = None) -> None:
-        from dagman_components.handlers.checkpoint import _is_main_process
+        from dagman_components.distributed import is_main_process
 
-        if not self.iterations or not _is_main_process():
+        if not self.iterations or not is_main_process():
             return
         plot_loss_history(self.history, self.iterations, self.png_path, num_prototypes=self.num_prototypes)
         rows = ["iteration," + ",".join(self.keys)]

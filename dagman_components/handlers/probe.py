@@ -34,9 +34,9 @@ from dagman_components.classification.splits import few_shot_subset, grouped_str
 from dagman_components.classification.table import NoduleTableError, read_nodule_table
 from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
 from dagman_components.data import HU_WINDOW
-from dagman_components.handlers.checkpoint import _is_main_process
+from dagman_components.distributed import is_main_process
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import atomic_write_png, atomic_write_text
+from dagman_components.atomic import atomic_write_png, atomic_write_text
 
 __all__ = [
     "FrozenFeatureProbe",
@@ -518,7 +518,7 @@ class FrozenFeatureProbe:
 
     def __call__(self, engine: Engine) -> None:
         """Probe (rank 0 only)."""
-        if _is_main_process():
+        if is_main_process():
             self.run_probe(engine)
 
     def _on_started(self, engine: Engine) -> None:
@@ -540,7 +540,7 @@ class FrozenFeatureProbe:
 
     def write(self) -> None:
         """Rewrite the PNG and the CSV (rank 0, when ``png_path`` is set and there is a history)."""
-        if self.png_path is None or not self.iterations or not _is_main_process():
+        if self.png_path is None or not self.iterations or not is_main_process():
             return
         plot_probe_history(self.iterations, self.aucs, self.png_path)
         rows = ["iteration," + ",".join(f"auc_{t}" for t in self.tokens) + ",seconds"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from monai.utils import StrEnum, look_up_option
 
 from dagman_components.losses.diagnostics import attention_diagnostics, distillation_diagnostics, prefixed
+from dagman_components.networks.outputs import EncoderOutput
 
 __all__ = ["DistillationCrossEntropy", "TeacherTargets", "sinkhorn_knopp", "masked_l1", "koleo_loss", "DAGMaNLoss",
            "LOSS_TERMS", "REGULARISERS"]
@@ -365,7 +366,7 @@ class DAGMaNLoss(nn.Module):
                                                      self.patch_ce.student_temp, teacher_probs=list(targets["patch"])),
                             "ampd"))
         if "s_att" in tu:
-            out.update(prefixed(attention_diagnostics(torch.cat([tu["s_att"], tv["s_att"]])), "satt"))
+            out.update(prefixed(attention_diagnostics(torch.cat([tu[EncoderOutput.S_ATT], tv[EncoderOutput.S_ATT]])), "satt"))
         return out
 
     @torch.no_grad()

@@ -114,24 +114,33 @@ class AttentionGuidedMasking(Randomizable):
         return self.strategy.startswith("attention")
 
     def randomize(self, data: None = None) -> None:
-        """All draws happen per image inside :meth:`__call__` through ``self.R``."""
+        """All draws happen inside :meth:`__call__` through ``self.R``."""
 
-    def _attention_mask(self, scores: np.ndarray) -> np.ndarray:
-        n = scores.shape[0]
+    def _uniform_ranks(self, batch_size: int, n: int, device: torch.device) -> torch.Tensor:
+        """A uniformly random permutation of ``range(n)`` per row, (B, n), drawn from ``self.R``."""
+        keys = torch.from_numpy(self.R.random_sample((batch_size, n))).to(device)
+        return torch.argsort(keys, dim=1)
+
+    def _attention_masks(self, scores: torch.Tensor) -> torch.Tensor:
+        """Masks of the attention strategies for a whole batch, on the device of ``scores`` (B, N)."""
+        b, n = scores.shape
         c = masking_counts(n, self.mask_ratio, self.hint_ratio)
-        order = np.argsort(-scores, kind="stable")  # most attended first
-        mask = np.zeros(n, dtype=bool)
+        order = torch.argsort(-scores, dim=1, stable=True)  # most attended first, ties by position
         if self.strategy == MaskingStrategy.ATTENTION_LOW:
-            mask[order[n - c["num_masked"] :]] = True
+            chosen = order[:, n - c["num_masked"] :]
         elif self.strategy == MaskingStrategy.ATTENTION_HIGH:
-            mask[order[: c["num_masked"]]] = True
+            chosen = order[:, : c["num_masked"]]
         elif self.hint_rule == HintRule.LITERAL:
-            mask[order[c["hint_pool"] : c["hint_pool"] + c["num_masked"]]] = True
+            chosen = order[:, c["hint_pool"] : c["hint_pool"] + c["num_masked"]]
         else:
-            mask[order[: c["num_masked"]]] = True
-            pool = order[: min(c["hint_pool"], c["num_masked"])]
-            hints = self.R.choice(pool, size=min(c["num_hints"], pool.size), replace=False)
-            mask[hints] = False
+            chosen = order[:, : c["num_masked"]]
+        mask = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter_(1, chosen, True)
+        if self.strategy == MaskingStrategy.ATTENTION_HINT and self.hint_rule == HintRule.ATTMASK:
+            pool = order[:, : min(c["hint_pool"], c["num_masked"])]
+            num_hints = min(c["num_hints"], pool.shape[1])
+            if num_hints > 0:
+                picks = self._uniform_ranks(b, pool.shape[1], scores.device)[:, :num_hints]
+                mask.scatter_(1, pool.gather(1, picks), False)
         return mask
 
     def _block_mask(self, grid: Sequence[int]) -> np.ndarray:
@@ -179,23 +188,17 @@ class AttentionGuidedMasking(Randomizable):
         if s_att is None:
             if self.needs_attention or batch_size is None:
                 raise ValueError(f"masking strategy '{self.strategy}' needs s_att (or batch_size for random/block).")
-            b, device, scores = batch_size, torch.device("cpu"), None
+            b, device = batch_size, torch.device("cpu")
         else:
             if s_att.ndim != 2 or s_att.shape[1] != n:
                 raise ValueError(f"s_att has shape {tuple(s_att.shape)}, expected (B, {n}) for grid {tuple(grid)}.")
             b, device = s_att.shape[0], s_att.device
-            scores = s_att.detach().float().cpu().numpy()
-        rows = []
-        for i in range(b):
-            if self.strategy == MaskingStrategy.RANDOM:
-                row = np.zeros(n, dtype=bool)
-                row[self.R.permutation(n)[: masking_counts(n, self.mask_ratio, self.hint_ratio)["num_masked"]]] = True
-            elif self.strategy == MaskingStrategy.BLOCK:
-                row = self._block_mask(grid)
-            else:
-                row = self._attention_mask(scores[i])  # type: ignore[index]
-            rows.append(row)
-        return torch.from_numpy(np.stack(rows)).to(device)
+        if self.needs_attention:
+            return self._attention_masks(s_att.detach().float())  # type: ignore[union-attr]
+        if self.strategy == MaskingStrategy.RANDOM:
+            chosen = self._uniform_ranks(b, n, device)[:, : masking_counts(n, self.mask_ratio, self.hint_ratio)["num_masked"]]
+            return torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+        return torch.from_numpy(np.stack([self._block_mask(grid) for _ in range(b)])).to(device)
 
 
 class PatchDropout(Randomizable):

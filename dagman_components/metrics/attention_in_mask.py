@@ -20,6 +20,7 @@ from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd
 
 from dagman_components.classification.attention import attention_to_voxels
 from dagman_components.data import HU_WINDOW, ct_load_and_normalise
+from dagman_components.networks import EncoderOutput
 
 __all__ = ["nodule_and_mask_transforms", "attention_mass_in_mask", "attention_in_mask_report"]
 
@@ -95,7 +96,9 @@ def attention_in_mask_report(encoder: nn.Module, items: Sequence[Mapping[str, An
         masks = torch.stack([chunk[i]["mask"] for i in keep])
         with eval_mode(encoder):  # the previous mode is restored
             out = encoder(images)
-        inside, share = attention_mass_in_mask(out["s_att"].cpu(), out["sa_grid"].tolist(), encoder.sa_stride, masks)
+        inside, share = attention_mass_in_mask(
+            out[EncoderOutput.S_ATT].cpu(), out[EncoderOutput.SA_GRID].tolist(), encoder.sa_stride, masks
+        )
         inside_all.append(inside)
         share_all.append(share)
         ids += [str(items[start + i].get("id", start + i)) for i in keep]

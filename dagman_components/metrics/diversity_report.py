@@ -1,8 +1,8 @@
 """Attention-head diversity report of a pretrained encoder on a set of CT volumes (the paper's Figure 4).
 
 The encoder is built from the ``model_card.json`` written beside ``model.pt`` by the pretraining
-bundle, filled with those weights, put in ``eval`` mode and run on each volume once, with no mask
-and no patch dropout. Every Swin block's window attention is recorded
+bundle and filled with those weights (:func:`dagman_components.encoder_io.prepare_encoder`), put
+in ``eval`` mode and run on each volume once, with no mask and no patch dropout. Every Swin block's window attention is recorded
 (:class:`~dagman_components.metrics.SwinAttentionRecorder`) and summarised per stage and volume by
 :func:`~dagman_components.metrics.stage_diversity`. The report gives, per stage, the mean and the
 standard deviation over volumes of the distance-histogram entropy and of each head's mean attention
@@ -16,7 +16,6 @@ in the card), so that every volume gives the same number of windows.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,16 +28,24 @@ import torch
 import torch.nn as nn
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd
-from tqdm import tqdm
 
-from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, build_datalist, check_roi_size, ct_load_and_normalise
-from dagman_components.metrics.attention_diversity import SwinAttentionRecorder, attention_distance, stage_diversity
-from dagman_components.networks import build_encoder
-from dagman_components.weights import atomic_write_text, load_pretrained_encoder, sha256_of
+from dagman_components.atomic import atomic_write_png, atomic_write_text
+from dagman_components.data import (
+    DEFAULT_SPACING,
+    HU_WINDOW,
+    build_datalist,
+    check_roi_size,
+    ct_load_and_normalise,
+)
+from dagman_components.encoder_io import prepare_encoder, read_model_card
+from dagman_components.metrics.attention_diversity import (
+    SwinAttentionRecorder,
+    attention_distance,
+    stage_diversity,
+)
+from dagman_components.progress import progress as show_progress
 
 __all__ = [
-    "read_model_card",
-    "load_encoder_from_card",
     "volume_loader",
     "encoder_stage_diversity",
     "summarise_diversity",
@@ -52,56 +59,13 @@ logger = logging.getLogger(__name__)
 MAX_PLOT_SAMPLES = 20000
 
 
-def read_model_card(model_path: str | os.PathLike, model_card: str | os.PathLike | Mapping | None = None) -> dict:
-    """The model card beside ``model_path`` (or the one given).
-
-    Raises:
-        FileNotFoundError: when the card does not exist.
-    """
-    if isinstance(model_card, Mapping):
-        return dict(model_card)
-    path = Path(model_card) if model_card is not None else Path(model_path).parent / "model_card.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"model card '{path}' does not exist; the pretraining bundle writes it beside model.pt.")
-    return json.loads(path.read_text())
-
-
-def load_encoder_from_card(
-    model_path: str | os.PathLike | None,
-    model_card: str | os.PathLike | Mapping | None = None,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> nn.Module:
-    """Build the encoder a model card describes (:class:`SwinDAGMaN`, or :class:`ViTDAGMaN` when the
-    card's ``network.class`` names it), load ``model_path`` into it (``None``: keep the seeded random
-    initialisation, for a no-pretraining baseline), freeze it and put it in ``eval`` mode.
-
-    Raises:
-        FileNotFoundError: when the card does not exist.
-        WeightLoadError: when the weights are missing, unreadable or of another architecture.
-    """
-    card = read_model_card(model_path if model_path is not None else ".", model_card)
-    net = dict(card.get("network", card))
-    torch.manual_seed(int(seed))
-    if str(net.get("class", "")).endswith("ViTDAGMaN"):
-        from dagman_components.networks.vit_dagman import ViTDAGMaN
-
-        encoder: nn.Module = ViTDAGMaN(**{k: v for k, v in net.items() if k != "class"})
-    else:
-        encoder = build_encoder(card, drop_path_rate=0.0)
-    if model_path is not None:
-        load_pretrained_encoder(encoder, model_path, min_loaded_fraction=1.0)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder.to(device).eval()
-
-
 def volume_loader(
     source: str | os.PathLike | Sequence[Mapping[str, Any]],
     roi_size: Sequence[int] | int,
     spacing: Sequence[float] = DEFAULT_SPACING,
     hu_window: Sequence[float] = HU_WINDOW,
     max_volumes: int | None = None,
+    mask_key: str | None = None,
 ) -> Dataset:
     """CT volumes, preprocessed as in pretraining and centre-cropped / zero-padded to ``roi_size``.
 
@@ -111,16 +75,19 @@ def volume_loader(
         spacing: voxel spacing (mm) of the pretraining.
         hu_window: HU window of the pretraining.
         max_volumes: keep the first this many volumes (``None``: all).
+        mask_key: when every item has this key, its mask is loaded on the image's grid too.
 
     Returns:
-        A MONAI ``Dataset`` of dicts with ``image`` (1, *roi_size) float tensors.
+        A MONAI ``Dataset`` of dicts with ``image`` (1, *roi_size) float tensors (and the mask).
     """
     roi = check_roi_size(roi_size, key="roi_size")
     items = list(source) if not isinstance(source, (str, os.PathLike)) else build_datalist(source)
     if max_volumes is not None:
         items = items[: int(max_volumes)]
-    transforms = list(ct_load_and_normalise(("image",), spacing=spacing, hu_window=hu_window))
-    transforms += [ResizeWithPadOrCropd("image", spatial_size=roi), EnsureTyped("image", track_meta=False)]
+    masks = (mask_key,) if mask_key and items and all(mask_key in it for it in items) else ()
+    transforms = list(ct_load_and_normalise(("image",), masks, spacing=spacing, hu_window=hu_window))
+    transforms += [ResizeWithPadOrCropd(("image", *masks), spatial_size=roi),
+                   EnsureTyped(("image", *masks), track_meta=False)]
     return Dataset(items, Compose(transforms))
 
 
@@ -196,14 +163,6 @@ def summarise_diversity(per_volume: Sequence[Mapping[int, Mapping[str, Any]]]) -
     return out
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def plot_stage_boxplot(samples: np.ndarray, summary: Mapping[str, Any], stage: int, path: str | os.PathLike,
                        title: str = "") -> Path:
     """One box per head of the attention distances of a stage, with the entropy in the title.
@@ -234,7 +193,7 @@ def plot_stage_boxplot(samples: np.ndarray, summary: Mapping[str, Any], stage: i
     ax.set_title(f"{title}\nstage {stage}: distance entropy {e['mean']:.3f} ± {e['std']:.3f} bits "
                  f"over {summary['volumes']} volume(s)", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_png(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -276,17 +235,19 @@ def diversity_report(
     Raises:
         ValueError: when no volume is found or the encoder has no Swin stages.
     """
-    card = read_model_card(model_path if model_path is not None else ".", model_card)
+    if model_path is None and model_card is None:
+        raise ValueError("the random encoder (model_path None) needs model_card for its settings.")
+    card = read_model_card(model_card if model_card is not None else model_path)
     roi = roi_size or card.get("training", {}).get("roi_size") or 64
     spacing = spacing or card.get("preprocessing", {}).get("spacing_mm") or DEFAULT_SPACING
     hu = card.get("preprocessing", {}).get("hu_window") or HU_WINDOW
-    encoder = load_encoder_from_card(model_path, card, device=device, seed=seed)
+    encoder = prepare_encoder(model_path, card, seed=seed).to(device)
     ds = volume_loader(source, roi, spacing=spacing, hu_window=hu, max_volumes=max_volumes)
     if len(ds) == 0:
         raise ValueError(f"no CT volume found in '{source}'.")
     per_volume, samples = [], {}
     budget = max(1, MAX_PLOT_SAMPLES // len(ds))
-    for i in tqdm(range(len(ds)), desc="head diversity", disable=not progress, unit="volume"):
+    for i in show_progress(range(len(ds)), "head diversity", unit="volume", enabled=progress):
         image = ds[i]["image"].unsqueeze(0).to(device)
         summaries, smp = encoder_stage_diversity(encoder, image, bins=bins, samples_per_head=budget, seed=seed + i)
         per_volume.append(summaries)
@@ -301,7 +262,7 @@ def diversity_report(
                                        out_dir / f"diversity_stage{s}.png", title=title).name)
     report = {
         "weights": None if model_path is None else str(model_path),
-        "weights_sha256": None if model_path is None else sha256_of(model_path),
+        "weights_sha256": encoder.weights_sha256,
         "init": "random" if model_path is None else "pretrained",
         "volumes": len(ds),
         "roi_size": list(check_roi_size(roi, key="roi_size")),

@@ -1,7 +1,7 @@
 """Networks: the Swin-DAGMaN encoder, its heads and the pretraining wrapper."""
 
+from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.heads import ProjectionHead, ReconstructionHead, TokenBatchNorm
 from dagman_components.networks.pretrain import DAGMaNPretrainNetwork, check_head_batch_norm, make_teacher, unwrap
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SemanticAttention, SwinDAGMaN
-from dagman_components.networks.factory import build_encoder, encoder_settings
 from dagman_components.networks.baselines import MaskedReconstructionNetwork

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.networks.heads import ReconstructionHead
+from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import SwinDAGMaN
 
 __all__ = ["MaskedReconstructionNetwork"]
@@ -31,4 +32,4 @@ class MaskedReconstructionNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct ``x`` (B, C, D, H, W) from its masked patch tokens (mask on the patch grid)."""
-        return self.recon_head(self.encoder(x, mask=mask)["features"][-1])
+        return self.recon_head(self.encoder(x, mask=mask)[EncoderOutput.FEATURES][-1])

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.networks.heads import ProjectionHead, ReconstructionHead
+from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import SwinDAGMaN
 
 __all__ = ["DAGMaNPretrainNetwork", "make_teacher", "unwrap", "check_head_batch_norm", "MIN_BATCH_FOR_HEAD_BATCH_NORM"]
@@ -101,13 +102,14 @@ class DAGMaNPretrainNetwork(nn.Module):
         """
         out = self.encoder(x, mask=mask, token_drop=token_drop)
         with torch.profiler.record_function("dagman/projection_heads"):
-            for name, head, tokens in (("cls", self.cls_head, out["cls"]), ("patch", self.patch_head, out["patch_tokens"]),
-                                       ("global", self.global_head, out["global"])):
+            for name, head, tokens in (("cls", self.cls_head, out[EncoderOutput.CLS]),
+                                       ("patch", self.patch_head, out[EncoderOutput.PATCH_TOKENS]),
+                                       ("global", self.global_head, out[EncoderOutput.GLOBAL])):
                 z = head.embed(tokens)
                 out[f"{name}_embedding"] = z
                 out[f"{name}_logits"] = head.prototypes(z)
         if self.recon_head is not None:
-            out["recon"] = self.recon_head(out["features"][-1])
+            out["recon"] = self.recon_head(out[EncoderOutput.FEATURES][-1])
         return out
 
 

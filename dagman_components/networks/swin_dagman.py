@@ -10,6 +10,8 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.utils import ensure_tuple_rep
 
+from dagman_components.networks.outputs import EncoderOutput
+
 __all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS"]
 
 #: The Swin settings of METHOD.md (SMIT production setting); every bundle starts from these.
@@ -233,9 +235,11 @@ class SwinDAGMaN(SwinTransformer):
                 with torch.profiler.record_function("dagman/semantic_attention"):
                     stream, normed, s_att = self.sa(h.flatten(2).transpose(1, 2))
                 h = stream.transpose(1, 2).reshape(b, c, d, hh, w)
-                out.update(cls=normed[:, 0], patch_tokens=normed[:, 1:], s_att=s_att)
-                out["sa_grid"] = torch.tensor([d, hh, w])
+                out[EncoderOutput.CLS] = normed[:, 0]
+                out[EncoderOutput.PATCH_TOKENS] = normed[:, 1:]
+                out[EncoderOutput.S_ATT] = s_att
+                out[EncoderOutput.SA_GRID] = torch.tensor([d, hh, w])
             features.append(self.proj_out(h, True))
-        out["features"] = features
-        out["global"] = features[-1].mean(dim=(2, 3, 4))
+        out[EncoderOutput.FEATURES] = features
+        out[EncoderOutput.GLOBAL] = features[-1].mean(dim=(2, 3, 4))
         return out

@@ -18,6 +18,8 @@ import torch.nn as nn
 from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep
 
+from dagman_components.networks.outputs import EncoderOutput
+
 __all__ = ["ViTDAGMaN"]
 
 
@@ -165,10 +167,10 @@ class ViTDAGMaN(ViT):
         cls_to_patch = att[:, :, 0, 1:].float().mean(dim=1)  # float32 even under autocast: sums to 1
         s_att = cls_to_patch / cls_to_patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return {
-            "cls": normed[:, 0],
-            "patch_tokens": normed[:, 1:],
-            "s_att": s_att,
-            "global": normed[:, 1:].mean(dim=1),
-            "features": features,
-            "sa_grid": torch.tensor([d, hh, w]),
+            EncoderOutput.CLS: normed[:, 0],
+            EncoderOutput.PATCH_TOKENS: normed[:, 1:],
+            EncoderOutput.S_ATT: s_att,
+            EncoderOutput.GLOBAL: normed[:, 1:].mean(dim=1),
+            EncoderOutput.FEATURES: features,
+            EncoderOutput.SA_GRID: torch.tensor([d, hh, w]),
         }

@@ -24,6 +24,7 @@ from .encoder_init import (
     swin_unetr_encoder_settings,
 )
 from .handlers import (
+    CurveHistory,
     BestMetricModelSaver,
     FinalValidationHandler,
     MetricDetailsPlotter,
@@ -31,10 +32,12 @@ from .handlers import (
     SegmentationProgressBar,
     handlers_for_rank,
 )
+from .inferers import CPUAutocastInferer
 from .pairs import read_geometry, validate_image_label_pairs
 from .transforms import HideKeyPrefixedItemsd, RestoreHiddenItemsd, SegmentationPostprocessd, keep_largest_component
 
 __all__ = [
+    "CPUAutocastInferer",
     "FOLDER_PAIRS",
     "PRETRAINING_ONLY_PREFIXES",
     "SWIN_UNETR_ENCODER_PREFIX",
@@ -43,6 +46,7 @@ __all__ = [
     "HideKeyPrefixedItemsd",
     "MetricDetailsPlotter",
     "SegmentationCurvePlotter",
+    "CurveHistory",
     "SegmentationPostprocessd",
     "SegmentationProgressBar",
     "build_segmentation_datalist",

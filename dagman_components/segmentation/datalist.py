@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dagman_components.atomic import atomic_write_text
 from dagman_components.data import VOLUME_EXTENSIONS, DataSourceError, build_datalist
-from dagman_components.weights import atomic_write_text
 from dagman_components.data.datalist import format_listing
 
 __all__ = [

@@ -5,15 +5,13 @@
 ``SwinUNETR.swinViT`` is a MONAI ``SwinTransformer`` whose state-dict keys are exactly those of
 :class:`~dagman_components.networks.SwinDAGMaN` without ``mask_token`` and the semantic-attention
 block ``sa.*`` (which the U-Net decoder does not use). The key mapping is therefore one prefix,
-``swinViT.``, applied by :func:`dagman_components.weights.load_pretrained_encoder`; this module adds
-the checks that matter for segmentation: the settings in the weights' model card must match the
-network's, and the checkpoint must not hold Swin blocks the network lacks (a deeper encoder loads
-"completely" into a shallower one otherwise).
+``swinViT.``, applied by :func:`dagman_components.encoder_io.load_encoder_weights` (which also refuses
+Swin blocks the network lacks); this module adds the check that the settings in the weights' model
+card match the network's. The bundle builds the network from that card in the first place.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -21,8 +19,15 @@ from typing import Any
 
 import torch.nn as nn
 
+from dagman_components.encoder_io import (
+    card_path,
+    encoder_settings,
+    load_encoder_weights,
+    require_weights,
+    weights_or_random,
+)
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import LoadReport, WeightLoadError, load_pretrained_encoder
+from dagman_components.weights import LoadReport
 
 __all__ = [
     "SWIN_UNETR_ENCODER_PREFIX",
@@ -39,8 +44,6 @@ logger = logging.getLogger(__name__)
 SWIN_UNETR_ENCODER_PREFIX = "swinViT."
 #: Encoder tensors of a DAGMaN ``model.pt`` that ``SwinUNETR`` has no place for (expected as unexpected).
 PRETRAINING_ONLY_PREFIXES: tuple[str, ...] = ("mask_token", "sa.")
-#: Model-card settings compared with the network (``SwinUNETR`` argument name in brackets when it differs).
-_CARD_KEYS = ("in_channels", "embed_dim", "depths", "num_heads", "window_size", "patch_size")
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -84,46 +87,23 @@ def check_card_matches(network: nn.Module, card: Mapping[str, Any] | str | os.Pa
         card: a ``model_card.json`` path or its content (settings under ``network``).
 
     Raises:
-        WeightLoadError: naming every differing setting and the card, saying which config values to set.
+        dagman_components.encoder_io.EncoderSettingError: naming the first differing setting, both
+            values and the card.
     """
-    where = str(card) if isinstance(card, (str, os.PathLike)) else "the model card"
-    if isinstance(card, (str, os.PathLike)):
-        try:
-            with open(card, encoding="utf-8") as stream:
-                card = json.load(stream)
-        except (OSError, json.JSONDecodeError) as err:
-            raise WeightLoadError(f"cannot read model card '{where}': {err}") from err
-    settings = dict(card.get("network", card))  # type: ignore[union-attr]
     own = swin_unetr_encoder_settings(network)
-    differences = []
-    for key in _CARD_KEYS:
-        if key not in settings:
-            continue
-        theirs = _as_tuple(settings[key])
-        mine = own[key]
-        if len(theirs) == 1 and len(mine) > 1:  # isotropic window / patch written as one int
-            theirs = theirs * len(mine)
-        if theirs != mine:
-            differences.append(f"{key}: card {list(theirs)} vs network {list(mine)}")
-    if differences:
-        raise WeightLoadError(
-            f"the pretrained encoder's model card '{where}' does not match the network ({'; '.join(differences)}). "
-            f"Set the config values (embed_dim, depths, num_heads, window_size, patch_size) to the card's."
-        )
+    own_scalars = {k: (v[0] if k in ("in_channels", "embed_dim") else list(v)) for k, v in own.items()}
+    encoder_settings(card, **own_scalars)
 
 
-def load_swin_unetr_encoder(
-    network: nn.Module,
-    path: str | os.PathLike,
-    min_loaded_fraction: float = 1.0,
-    check_card: bool = True,
-) -> LoadReport:
+def load_swin_unetr_encoder(network: nn.Module, path: str | os.PathLike, check_card: bool = True) -> LoadReport:
     """Load a DAGMaN encoder (``model.pt`` or full pretraining checkpoint) into ``network.swinViT``.
+
+    The policy is :func:`dagman_components.encoder_io.load_encoder_weights`: every ``swinViT`` tensor
+    found with its shape, and nothing left over but the pretraining-only ``mask_token`` and ``sa.*``.
 
     Args:
         network: a MONAI ``SwinUNETR`` (or a DDP wrapper around one), changed in place.
         path: the pretraining bundle's ``models/model.pt`` (or its ``checkpoint.pt``).
-        min_loaded_fraction: smallest share of the ``swinViT`` tensors that must be found (all, by default).
         check_card: compare the settings in ``model_card.json`` beside ``path`` (when present) first.
 
     Returns:
@@ -131,9 +111,9 @@ def load_swin_unetr_encoder(
         ``unexpected`` holds the pretraining-only ``mask_token`` and ``sa.*``).
 
     Raises:
-        WeightLoadError: naming the file when it is missing or unreadable, was saved from another
-            architecture, the card disagrees, too little loaded, or it holds Swin tensors the network
-            lacks (e.g. a deeper stage).
+        FileNotFoundError: the file is missing (the message names the command that makes it).
+        dagman_components.encoder_io.EncoderSettingError: the card disagrees with the network.
+        WeightLoadError: unreadable file, another architecture, or Swin tensors the network lacks.
 
     Example:
         >>> from monai.networks.nets import SwinUNETR
@@ -141,46 +121,37 @@ def load_swin_unetr_encoder(
         >>> load_swin_unetr_encoder(net, "bundles/dagman_ct_pretraining/models/model.pt").summary()  # doctest: +SKIP
     """
     target = unwrap(network)
-    card_path = os.path.join(os.path.dirname(os.path.abspath(os.fspath(path))), "model_card.json")
-    if check_card and os.path.isfile(card_path):
-        check_card_matches(target, card_path)
-    report = load_pretrained_encoder(
-        target, path, key_prefix=SWIN_UNETR_ENCODER_PREFIX, min_loaded_fraction=min_loaded_fraction
+    card = card_path(path)
+    if check_card and card.is_file():
+        check_card_matches(target, card)
+    report = load_encoder_weights(
+        target, path, key_prefix=SWIN_UNETR_ENCODER_PREFIX, unused_prefixes=PRETRAINING_ONLY_PREFIXES
     )
-    extra_swin = [k for k in report.unexpected if not k.startswith(PRETRAINING_ONLY_PREFIXES)]
-    if extra_swin:
-        raise WeightLoadError(
-            f"'{path}' holds {len(extra_swin)} Swin tensors that the network has no place for (e.g. {extra_swin[:3]}): "
-            f"it was pretrained with other depths. Set depths to the model card's."
-        )
     logger.info("SwinUNETR encoder initialised from DAGMaN weights: %s", report.summary())
     return report
 
 
 def init_swin_unetr(network: nn.Module, pretrained_path: str | os.PathLike | None) -> nn.Module:
-    """Initialise ``network.swinViT`` from ``pretrained_path``, or keep it random when the path is empty.
+    """Initialise ``network.swinViT`` from ``pretrained_path``, or keep it random when it is ``None``.
 
     The form a bundle config uses: ``network: $init_swin_unetr(@network_def, @pretrained_encoder).to(@device)``.
-    An empty path (``null`` or ``''``) means random initialisation and is logged as such; any other
-    path must load (see :func:`load_swin_unetr_encoder`), so a wrong path never trains silently from scratch.
+    ``None`` (``null`` in YAML) means random initialisation and is logged as such; other spellings
+    of "random" are refused (:func:`~dagman_components.encoder_io.weights_or_random`), and any path
+    must load (see :func:`load_swin_unetr_encoder`), so a wrong path never trains silently from scratch.
 
     Args:
         network: a MONAI ``SwinUNETR``.
-        pretrained_path: a DAGMaN encoder ``model.pt``, or ``None`` / ``''`` for random initialisation.
+        pretrained_path: a DAGMaN encoder ``model.pt``, or ``None`` for random initialisation.
 
     Returns:
         ``network`` itself.
 
     Raises:
-        WeightLoadError: as :func:`load_swin_unetr_encoder`.
+        FileNotFoundError, EncoderSettingError, WeightLoadError: as :func:`load_swin_unetr_encoder`.
     """
-    if pretrained_path is None or os.fspath(pretrained_path) == "":
-        logger.warning("SwinUNETR encoder randomly initialised (pretrained_encoder is empty).")
+    path = weights_or_random(pretrained_path, "pretrained_encoder")
+    if path is None:
         return network
-    try:
-        load_swin_unetr_encoder(network, pretrained_path)
-    except WeightLoadError as err:
-        raise WeightLoadError(
-            f"{err} (config key 'pretrained_encoder'; set it to '' to train from random initialisation)"
-        ) from err
+    require_weights(path, key="pretrained_encoder")
+    load_swin_unetr_encoder(network, path)
     return network

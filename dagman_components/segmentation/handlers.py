@@ -10,7 +10,6 @@ a rename.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -21,8 +20,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from dagman_components.atomic import atomic_save, atomic_write_png, atomic_write_text
+from dagman_components.distributed import is_main_process
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import _atomic_replace, atomic_save, atomic_write_text
 
 __all__ = [
     "BestMetricModelSaver",
@@ -31,24 +31,10 @@ __all__ = [
     "MetricDetailsPlotter",
     "SegmentationProgressBar",
     "handlers_for_rank",
+    "CurveHistory",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    _atomic_replace(path, lambda f: f.write(buf.getvalue()))
 
 
 class BestMetricModelSaver:
@@ -93,9 +79,16 @@ class BestMetricModelSaver:
         if math.isnan(value) or self.sign * value <= self.best:
             return
         self.best = self.sign * value
-        if _is_main_process():
+        if is_main_process():
             atomic_save({k: unwrap(v).state_dict() for k, v in self.save_dict.items()}, self.save_path)
             logger.info("new best %s %.4f: saved %s", name, value, self.save_path)
+
+    def state_dict(self) -> dict:
+        """The best value so far, for a resumed run."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = float(state["best"])
 
 
 class FinalValidationHandler:
@@ -123,6 +116,28 @@ class FinalValidationHandler:
             self.validator.run(engine.state.epoch)
 
 
+class CurveHistory:
+    """The training loss per epoch and the validation metric per validated epoch, with
+    ``state_dict`` / ``load_state_dict`` for the training checkpoint (a resumed run continues its
+    curves, each epoch once)."""
+
+    def __init__(self) -> None:
+        self.loss_epochs: list[int] = []
+        self.losses: list[float] = []
+        self.metric_epochs: list[int] = []
+        self.metrics: list[float] = []
+        self.metric_label = "validation metric"
+
+    def state_dict(self) -> dict:
+        return {"loss_epochs": self.loss_epochs, "losses": self.losses, "metric_epochs": self.metric_epochs,
+                "metrics": self.metrics, "metric_label": self.metric_label}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_epochs, self.losses = [int(e) for e in state["loss_epochs"]], [float(v) for v in state["losses"]]
+        self.metric_epochs, self.metrics = [int(e) for e in state["metric_epochs"]], [float(v) for v in state["metrics"]]
+        self.metric_label = str(state["metric_label"])
+
+
 class SegmentationCurvePlotter:
     """Record the mean training loss per epoch (trainer) and the validation key metric (evaluator),
     and draw both as a PNG with a CSV next to it at every epoch end and at completion.
@@ -134,6 +149,8 @@ class SegmentationCurvePlotter:
         evaluator: the validation evaluator (``None``: loss only).
         loss_transform: turns the trainer's ``engine.state.output`` into the loss value.
         metric_name: the evaluator metric plotted (default its key metric).
+        history: where the curves are kept (a :class:`CurveHistory` that a checkpoint saves, so that a
+            resumed run continues them); default a new one.
     """
 
     def __init__(
@@ -142,6 +159,7 @@ class SegmentationCurvePlotter:
         evaluator: Engine | None = None,
         loss_transform: Callable[[Any], Any] | None = None,
         metric_name: str | None = None,
+        history: CurveHistory | None = None,
     ) -> None:
         from monai.handlers import from_engine
 
@@ -151,11 +169,8 @@ class SegmentationCurvePlotter:
         self.metric_name = metric_name
         self._sum = 0.0
         self._count = 0
-        self.loss_epochs: list[int] = []
-        self.losses: list[float] = []
-        self.metric_epochs: list[int] = []
-        self.metrics: list[float] = []
-        self._metric_label = metric_name or "validation metric"
+        self.history = history if history is not None else CurveHistory()
+        self.history.metric_label = metric_name or self.history.metric_label
 
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self._record, Events.ITERATION_COMPLETED):
@@ -169,9 +184,9 @@ class SegmentationCurvePlotter:
     def _read_metric(self, evaluator: Engine, trainer: Engine) -> None:
         name = self.metric_name or getattr(evaluator.state, "key_metric_name", None)
         if name in evaluator.state.metrics:
-            self._metric_label = name
-            self.metric_epochs.append(int(trainer.state.epoch))
-            self.metrics.append(float(evaluator.state.metrics[name]))
+            self.history.metric_label = name
+            self.history.metric_epochs.append(int(trainer.state.epoch))
+            self.history.metrics.append(float(evaluator.state.metrics[name]))
             self.write()
 
     def _record(self, engine: Engine) -> None:
@@ -181,13 +196,13 @@ class SegmentationCurvePlotter:
 
     def _epoch_done(self, engine: Engine) -> None:
         if self._count:
-            self.loss_epochs.append(int(engine.state.epoch))
-            self.losses.append(self._sum / self._count)
+            self.history.loss_epochs.append(int(engine.state.epoch))
+            self.history.losses.append(self._sum / self._count)
         self._sum, self._count = 0.0, 0
         self.write()
 
     def write(self, engine: Engine | None = None) -> None:
-        if not self.losses or not _is_main_process():
+        if not self.history.losses or not is_main_process():
             return
         import matplotlib
 
@@ -195,17 +210,17 @@ class SegmentationCurvePlotter:
         import matplotlib.pyplot as plt
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-        ax1.plot(self.loss_epochs, self.losses, marker="o", ms=3)
+        ax1.plot(self.history.loss_epochs, self.history.losses, marker="o", ms=3)
         ax1.set(xlabel="epoch", ylabel="training loss (Dice + CE)", title="training loss")
-        ax2.plot(self.metric_epochs, self.metrics, marker="o", ms=3, color="tab:green")
-        ax2.set(xlabel="epoch", ylabel=self._metric_label, title="validation", ylim=(0, 1))
+        ax2.plot(self.history.metric_epochs, self.history.metrics, marker="o", ms=3, color="tab:green")
+        ax2.set(xlabel="epoch", ylabel=self.history.metric_label, title="validation", ylim=(0, 1))
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        _save_png(fig, self.png_path)
-        metric_at = dict(zip(self.metric_epochs, self.metrics))
-        rows = [f"epoch,train_loss,{self._metric_label}"]
-        rows += [f"{e},{l:.6g},{metric_at.get(e, '')}" for e, l in zip(self.loss_epochs, self.losses)]
+        atomic_write_png(fig, self.png_path, close=True)
+        metric_at = dict(zip(self.history.metric_epochs, self.history.metrics))
+        rows = [f"epoch,train_loss,{self.history.metric_label}"]
+        rows += [f"{e},{l:.6g},{metric_at.get(e, '')}" for e, l in zip(self.history.loss_epochs, self.history.losses)]
         atomic_write_text("\n".join(rows) + "\n", self.png_path.with_suffix(".csv"))
 
 
@@ -230,7 +245,7 @@ class MetricDetailsPlotter:
 
     def __call__(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", {}).get(self.metric_name)
-        if details is None or not _is_main_process():
+        if details is None or not is_main_process():
             return
         values = torch.as_tensor(details, dtype=torch.float32).reshape(len(details), -1).nanmean(dim=1)
         values = sorted(v for v in values.tolist() if not math.isnan(v))
@@ -249,7 +264,7 @@ class MetricDetailsPlotter:
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
-        _save_png(fig, self.png_path)
+        atomic_write_png(fig, self.png_path, close=True)
 
 
 class SegmentationProgressBar:

@@ -145,8 +145,9 @@ def validate_image_label_pairs(
                                                                       0 <= int(v) < num_classes)]
             if bad:
                 allowed = f"0..{num_classes - 1}" if num_classes is not None else "integers"
-                problems.append(f"{pair}: the label holds values {bad[:8]} outside {allowed}; is it a label map "
-                                f"(not an image or a probability map)?")
+                classes = f" (num_classes {num_classes}, the classes of channel_def)" if num_classes is not None else ""
+                problems.append(f"{pair}: the label holds values {bad[:8]} outside {allowed}{classes}; is it a label "
+                                f"map (not an image or a probability map), or does num_classes need raising?")
     if problems:
         raise DataSourceError(
             f"{len(problems)} of {len(datalist)} image/label pair(s) cannot be used; fix or remove them:\n"
