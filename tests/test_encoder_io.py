@@ -122,11 +122,12 @@ def test_downstream_configs_take_the_demo_card_without_flags(demo_weights):
     for configs in (["train.yaml", "demo.yaml"], ["inference.yaml"]):
         net = _parser(seg, configs, root).get_parsed_content("network_def")
         assert net.swinViT.embed_dim == 24 and net.swinViT.layers4[0].blocks[0].attn.num_heads == 24, configs
-    clu = _parser("dagman_organ_ct_clustering", ["inference.yaml"], root).get_parsed_content("network_def")
+    clu = _parser("dagman_organ_ct_clustering", ["inference.yaml"], root).get_parsed_content("network_def").encoder
     assert clu.embed_dim == 24 and clu.init == "pretrained" and clu.load_report.loaded_fraction == 1.0
     # --model_path null: the seeded random encoder, with the default card's settings (like for like)
     rnd = _parser("dagman_organ_ct_clustering", ["inference.yaml"], root, model_path="null")
-    assert rnd.get_parsed_content("network_def").embed_dim == 24 and rnd.get_parsed_content("network").init == "random"
+    assert rnd.get_parsed_content("network_def").encoder.embed_dim == 24
+    assert rnd.get_parsed_content("encoder").init == "random"
     assert Path(rnd.get_parsed_content("output_dir")).name == "random_global"
 
 
