@@ -25,7 +25,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
+from monai.inferers import SimpleInferer
 from monai.transforms import Compose, DivisiblePadd, Invertd, ResizeWithPadOrCropd
 
 from dagman_components.atomic import atomic_write_text, replace_atomically
@@ -42,7 +43,8 @@ from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, check_roi_size, c
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.progress import progress
 
-__all__ = ["FEATURES_FILE", "CASES_FILE", "case_names", "extraction_preprocessing", "CTFeatureExtractor"]
+__all__ = ["FEATURES_FILE", "CASES_FILE", "case_names", "card_preprocessing", "extraction_preprocessing",
+           "CTFeatureExtractor"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,18 @@ def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
+def card_preprocessing(card: Mapping[str, Any] | None) -> dict[str, list[float]]:
+    """Spacing and HU window of a model card's ``preprocessing`` (the defaults where it has none).
+
+    Example:
+        >>> card_preprocessing({"preprocessing": {"spacing_mm": [1.0, 1.0, 1.0]}})
+        {'spacing': [1.0, 1.0, 1.0], 'hu_window': [-175.0, 250.0]}
+    """
+    recorded = dict((card or {}).get("preprocessing", {}))
+    return {"spacing": [float(s) for s in recorded.get("spacing_mm") or DEFAULT_SPACING],
+            "hu_window": [float(h) for h in recorded.get("hu_window") or HU_WINDOW]}
+
+
 def extraction_preprocessing(
     spacing: Sequence[float] = DEFAULT_SPACING,
     hu_window: Sequence[float] = HU_WINDOW,
@@ -107,45 +121,40 @@ def extraction_preprocessing(
 
 
 class CTFeatureExtractor:
-    """Write DAGMaN features and S_ATT maps of every volume of a datalist.
+    """Write DAGMaN features and S_ATT maps of every volume of a dataset (the inference config's ``evaluator``).
 
     Args:
         network: the frozen encoder (a ``SwinDAGMaN`` / ``ViTDAGMaN``, or an
             :class:`~dagman_components.networks.EncoderEmbedding`, whose ``encoder`` is used).
-        datalist: items with ``image`` (see :func:`~dagman_components.data.build_datalist`).
+        dataset: a MONAI ``Dataset`` of items with ``image`` whose transform is the invertible
+            :func:`extraction_preprocessing` (the S_ATT maps are brought back to the input grid with it).
         output_dir: where ``features.npz``, ``cases.csv`` and ``attention/`` go.
-        model_card: the weights' card (its ``preprocessing`` gives spacing and HU window).
-        roi_size: ``None``: whole volumes; else the size every volume is cropped / padded to.
+        inferer: calls the encoder (``inferer(inputs, encoder)``); default MONAI's ``SimpleInferer``.
         device: where the encoder runs.
         save_attention: write the S_ATT NIfTI maps.
         progress: show a progress bar over the cases.
 
     Raises:
-        ValueError: for an empty datalist.
+        ValueError: for an empty dataset.
     """
 
     def __init__(
         self,
         network: nn.Module,
-        datalist: Sequence[Mapping[str, Any]],
+        dataset: Dataset,
         output_dir: str | os.PathLike,
-        model_card: Mapping[str, Any] | None = None,
-        roi_size: Sequence[int] | int | None = None,
+        inferer: Callable[..., Any] | None = None,
         device: str | torch.device = "cpu",
         save_attention: bool = True,
         progress: bool = True,
     ) -> None:
-        if not datalist:
+        if len(dataset) == 0:
             raise ValueError("the datalist is empty: set dataset_dir to a folder of CT volumes or a JSON datalist.")
         self.encoder = getattr(network, "encoder", network)
-        self.datalist = list(datalist)
+        self.dataset = dataset
         self.output_dir = Path(output_dir)
-        preprocessing = dict((model_card or {}).get("preprocessing", {}))
-        self.spacing = preprocessing.get("spacing_mm") or DEFAULT_SPACING
-        self.hu_window = preprocessing.get("hu_window") or HU_WINDOW
-        divisor = int(getattr(self.encoder, "input_divisor", 32))
-        self.preprocessing = extraction_preprocessing(self.spacing, self.hu_window, roi_size, divisor)
-        self.inverse = Invertd("s_att", transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+        self.inferer = inferer or SimpleInferer()
+        self.inverse = Invertd("s_att", transform=dataset.transform, orig_keys="image", nearest_interp=True)
         self.device = torch.device(device)
         self.save_attention = bool(save_attention)
         self.progress = progress
@@ -166,12 +175,12 @@ class CTFeatureExtractor:
             ``{"features": path, "cases": path, "attention": [paths], "num_cases": n}``.
         """
         self.encoder.eval()
-        names = case_names([item["image"] for item in self.datalist])
+        sources = [str(item["image"]) for item in self.dataset.data]
+        names = case_names(sources)
         rows, cls_rows, global_rows, attention_files = [], [], [], []
-        for name, source in progress(list(zip(names, self.datalist)), "DAGMaN features", unit="case",
-                                     enabled=self.progress):
-            item = self.preprocessing(dict(source))
-            out = self.encoder(item["image"].as_tensor().unsqueeze(0).to(self.device))
+        for index in progress(range(len(names)), "DAGMaN features", unit="case", enabled=self.progress):
+            name, item = names[index], self.dataset[index]
+            out = self.inferer(item["image"].as_tensor().unsqueeze(0).to(self.device), self.encoder)
             global_rows.append(out[EncoderOutput.GLOBAL][0].float().cpu().numpy())
             grid: list[int] = []
             attention_file = ""
@@ -184,10 +193,9 @@ class CTFeatureExtractor:
                     save_nifti_atomic(attention[0].numpy(), np.asarray(attention.affine), path)
                     attention_file = str(path)
                     attention_files.append(attention_file)
-            rows.append([name, str(source["image"]), attention_file, "x".join(map(str, grid)),
+            rows.append([name, sources[index], attention_file, "x".join(map(str, grid)),
                          "x".join(str(s) for s in item["image"].shape[1:])])
-        features = {"case": np.asarray(names), "image": np.asarray([str(s["image"]) for s in self.datalist]),
-                    "global": np.stack(global_rows)}
+        features = {"case": np.asarray(names), "image": np.asarray(sources), "global": np.stack(global_rows)}
         if cls_rows:
             features["cls"] = np.stack(cls_rows)
         features_path = self.output_dir / FEATURES_FILE

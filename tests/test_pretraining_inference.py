@@ -89,6 +89,7 @@ def test_inference_writes_features_and_attention_on_the_input_grid(tmp_path):
     from dagman_components.extraction import extraction_preprocessing
 
     item = extraction_preprocessing(CARD["preprocessing"]["spacing_mm"])({"image": str(images[0])})
+    assert "x".join(map(str, item["image"].shape[1:])) == rows[0]["encoded_shape"]  # the card's 4 mm spacing
     with torch.no_grad():
         expected = encoder.eval()(item["image"].as_tensor()[None])["cls"][0].numpy()
     np.testing.assert_allclose(features["cls"][0], expected, rtol=1e-4, atol=1e-5)
