@@ -32,7 +32,7 @@ def copy_bundle(name: str, root: Path) -> Path:
     return dst
 
 
-def tiny_bundles(root: Path) -> dict[str, Path]:
+def tiny_bundles(root: Path, card: dict = TINY_CARD) -> dict[str, Path]:
     """All four bundles side by side, as in the repository, each with weights of the tiniest settings.
 
     The pretraining bundle gets tiny encoder weights and their card (as its training writes them); each
@@ -41,7 +41,8 @@ def tiny_bundles(root: Path) -> dict[str, Path]:
     """
     torch.manual_seed(0)
     bundles = {name: copy_bundle(name, root) for name in NAMES}
-    export_encoder(SwinDAGMaN(**TINY_ENCODER), bundles[PRETRAINING] / "models" / "model.pt", TINY_CARD)
+    settings = {k: v for k, v in card["network"].items() if k != "class"}
+    export_encoder(SwinDAGMaN(**settings), bundles[PRETRAINING] / "models" / "model.pt", card)
     for name in NAMES[1:]:
         bundle = bundles[name]
         parser = ConfigParser()
