@@ -18,7 +18,9 @@ the bundle folder as its single top-level folder. What it leaves out, and why:
   (``checkpoint_*.pt``, ``model_key_metric=*.pt``, optimiser states) and they are not part of a release;
 * any file larger than ``max_file_mb`` (the zoo's limit is 25 MB per file), except the files
   the checks require (``LICENSE``, ``configs/*``, ``docs/README.md``): it is listed in
-  ``large_files.yml`` with its sha256 and an empty ``url`` to fill in once the file is hosted. The
+  ``large_files.yml`` with its sha256 and its download ``url`` (given to :func:`package_bundle`, or kept
+  from the bundle's own ``large_files.*`` while the hash matches). An empty ``url`` is refused
+  (:class:`LargeFileUrlError`), since the zoo's downloader fails on it (``unknown url type: ''``). The
   list is written inside the zip (``<bundle_name>/large_files.yml``, where
   ``monai.bundle.download_large_files`` looks for it) and next to the zip as
   ``<bundle_name>_v<version>_large_files.yml`` (prefixed so several bundles can share ``out_dir``).
@@ -43,7 +45,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jsonschema
@@ -56,6 +58,7 @@ __all__ = [
     "DEFAULT_SCHEMA_PATH",
     "SCHEMA_URL",
     "BundleCheckError",
+    "LargeFileUrlError",
     "bundle_files",
     "check_bundle",
     "package_bundle",
@@ -91,6 +94,19 @@ class BundleCheckError(ValueError):
         self.bundle_dir = Path(bundle_dir)
         self.problems = list(problems)
         super().__init__(f"bundle {self.bundle_dir} has {len(self.problems)} problem(s):\n- " + "\n- ".join(problems))
+
+
+class LargeFileUrlError(ValueError):
+    """A file left out of the zip (over ``max_file_mb``) has no download url; ``paths`` names them."""
+
+    def __init__(self, bundle_dir: str | os.PathLike, paths: Sequence[str], max_file_mb: float):
+        self.paths = list(paths)
+        super().__init__(
+            f"{Path(bundle_dir).name}: {', '.join(self.paths)} over {max_file_mb:g} MB would be left out of the zip "
+            f"without a download url, and the zoo's downloader rejects an empty url. Host the file(s) and pass "
+            f"--large-file-url {self.paths[0]}=https://... (large_file_urls), or list them with their url in the "
+            f"bundle's large_files.yml, or raise --max-file-mb to ship them in the zip."
+        )
 
 
 def _load_config(path: Path) -> object:
@@ -284,10 +300,11 @@ def _file_hash(path: Path, hash_type: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def _large_file_entry(bundle: Path, rel: Path, listed: dict | None) -> dict:
-    """A large_files entry for ``rel``; keeps the url of an existing entry whose hash still matches."""
+def _large_file_entry(bundle: Path, rel: Path, listed: dict | None, url: str = "") -> dict:
+    """A large_files entry for ``rel``: ``url``, else the url of an existing entry whose hash still matches."""
     sha = _file_hash(bundle / rel)
-    url = ""
+    if url:
+        return {"path": rel.as_posix(), "url": url, "hash_val": sha, "hash_type": "sha256"}
     if listed and listed.get("url") and listed.get("hash_val"):
         hash_type = listed.get("hash_type") or "sha256"  # monai.apps.utils.download_url's default
         if hash_type in HASH_TYPES and _file_hash(bundle / rel, hash_type) == str(listed["hash_val"]).lower():
@@ -311,10 +328,11 @@ def package_bundle(
     require_weights: bool = True,
     keep_models: Sequence[str] = KEEP_MODELS,
     schema_path: str | os.PathLike | None = None,
+    large_file_urls: Mapping[str, str] | None = None,
 ) -> Path:
     """Check a bundle, then write ``<out_dir>/<bundle_name>_v<version>.zip``.
 
-    Files over ``max_file_mb`` are left out of the zip and listed (path, empty url, sha256) in
+    Files over ``max_file_mb`` are left out of the zip and listed (path, url, sha256) in
     ``large_files.yml`` inside the zip and in ``<bundle_name>_v<version>_large_files.yml`` next to
     it; entries of a ``large_files.*`` the bundle already has are kept. Both files are written to a
     temporary name and renamed into place, so a failure leaves no partial zip.
@@ -327,6 +345,9 @@ def package_bundle(
         require_weights: passed to :func:`check_bundle`.
         keep_models: paths under ``models/`` to ship (see :func:`bundle_files`).
         schema_path: passed to :func:`check_bundle`.
+        large_file_urls: download url of each file left out, by its path in the bundle
+            (``{"models/model.pt": "https://..."}``); without one, the url of the bundle's own
+            ``large_files.*`` entry is kept while the file's hash matches.
 
     Returns:
         the path of the zip.
@@ -335,6 +356,7 @@ def package_bundle(
         ValueError: when ``max_file_mb`` is not positive.
         BundleCheckError: when :func:`check_bundle` finds problems; nothing is written.
         FileExistsError: when the zip exists and ``overwrite`` is False.
+        LargeFileUrlError: when a file left out has no url; nothing is written.
     """
     if not max_file_mb > 0:
         raise ValueError(f"max_file_mb must be positive, got {max_file_mb}.")
@@ -358,8 +380,12 @@ def package_bundle(
     listed = {}
     if large:
         listed = _read_large_files(bundle, [])  # the bundle's own entries (check_bundle found them valid)
+        urls = dict(large_file_urls or {})
         for rel in large:
-            listed[rel.as_posix()] = _large_file_entry(bundle, rel, listed.get(rel.as_posix()))
+            listed[rel.as_posix()] = _large_file_entry(bundle, rel, listed.get(rel.as_posix()), urls.get(rel.as_posix(), ""))
+        missing = [rel.as_posix() for rel in large if not listed[rel.as_posix()]["url"]]
+        if missing:
+            raise LargeFileUrlError(bundle, missing, max_file_mb)
         files = [rel for rel in files if rel not in large and rel.as_posix() not in LARGE_FILES_NAMES]
     large_yaml = yaml.safe_dump({"large_files": list(listed.values())}, sort_keys=False).encode() if large else None
 
@@ -381,7 +407,7 @@ def package_bundle(
         sidecar.unlink(missing_ok=True)  # a stale list from an earlier package would mislead
     if large:
         logger.warning(
-            "%d file(s) over %s MB left out of %s and listed in %s: host them and fill in 'url'",
+            "%d file(s) over %s MB left out of %s and listed with their url in %s",
             len(large), max_file_mb, zip_path.name, sidecar.name,
         )
     return zip_path

@@ -2,7 +2,8 @@
 
 Usage (from any working directory)::
 
-    python scripts/package_bundle.py bundles/<name> [--out dist] [--max-file-mb 25] [--overwrite]
+    python scripts/package_bundle.py bundles/<name> [--out dist] [--max-file-mb 25] [--overwrite] \
+        [--large-file-url models/model.pt=https://...]
     python scripts/package_bundle.py bundles/<name> --check-only [--allow-missing-weights]
 
 Prints the problems and exits 1 when the bundle fails the checks (or the zip exists already);
@@ -37,12 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not require models/model.pt for an inference config (weights come from a training run)",
     )
+    parser.add_argument(
+        "--large-file-url",
+        action="append",
+        default=[],
+        metavar="PATH=URL",
+        help="download url of a file over --max-file-mb (repeatable); one left without a url stops the packaging",
+    )
     parser.add_argument("--schema", type=Path, default=None, help="metadata schema (default: the repository copy)")
     args = parser.parse_args(argv)
     if not args.max_file_mb > 0:
         parser.error(f"--max-file-mb must be positive, got {args.max_file_mb}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     require_weights = not args.allow_missing_weights
+    urls = dict(item.split("=", 1) for item in args.large_file_url if "=" in item)
+    if len(urls) != len(args.large_file_url):
+        parser.error(f"--large-file-url takes PATH=URL, got {args.large_file_url}")
 
     if args.check_only:
         problems = bundle_tools.check_bundle(args.bundle_dir, schema_path=args.schema, require_weights=require_weights)
@@ -61,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             require_weights=require_weights,
             schema_path=args.schema,
+            large_file_urls=urls,
         )
     except bundle_tools.BundleCheckError as e:
         print(f"{args.bundle_dir}: {len(e.problems)} problem(s)", file=sys.stderr)
         for problem in e.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    except FileExistsError as e:
+    except (FileExistsError, bundle_tools.LargeFileUrlError) as e:
         print(e, file=sys.stderr)
         return 1
     print(zip_path)

@@ -21,6 +21,7 @@ from dagman_components.bundle_tools import (
     DEFAULT_SCHEMA_PATH,
     SCHEMA_URL,
     BundleCheckError,
+    LargeFileUrlError,
     check_bundle,
     package_bundle,
 )
@@ -215,21 +216,36 @@ def test_failed_check_writes_nothing(bundle, tmp_path):
     assert not (tmp_path / "dist").exists()
 
 
-def test_large_file_goes_to_large_files_yml(bundle, tmp_path):
+def test_large_file_without_url_is_refused_and_nothing_written(bundle, tmp_path):
+    (bundle / "models" / "model.pt").write_bytes(bytes(range(256)) * 16)  # 4 KiB, over 0.001 MiB
+    with pytest.raises(LargeFileUrlError, match=r"models/model.pt over 0.001 MB .* without a download url.*"
+                                                r"--large-file-url models/model.pt=https://"):
+        package_bundle(bundle, tmp_path / "dist", max_file_mb=0.001)
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_large_file_goes_to_large_files_yml_and_the_zoo_downloader_fetches_it(bundle, tmp_path):
     weights = bytes(range(256)) * 16  # 4 KiB, over the 0.001 MiB (1048 bytes) limit; the rest is smaller
     (bundle / "models" / "model.pt").write_bytes(weights)
-    zip_path = package_bundle(bundle, tmp_path / "dist", max_file_mb=0.001)
-    expected = {"large_files": [{"path": "models/model.pt", "url": "", "hash_val": hashlib.sha256(weights).hexdigest(),
-                                 "hash_type": "sha256"}]}  # fmt: skip
+    hosted = tmp_path / "hosted" / "model.pt"  # a file:// url stands for the hosted copy (no network here)
+    hosted.parent.mkdir()
+    hosted.write_bytes(weights)
+    zip_path = package_bundle(bundle, tmp_path / "dist", max_file_mb=0.001,
+                              large_file_urls={"models/model.pt": hosted.as_uri()})
+    expected = {"large_files": [{"path": "models/model.pt", "url": hosted.as_uri(),
+                                 "hash_val": hashlib.sha256(weights).hexdigest(), "hash_type": "sha256"}]}
     sidecar = tmp_path / "dist" / f"demo_bundle_v{_version(bundle)}_large_files.yml"
     assert yaml.safe_load(sidecar.read_text()) == expected
     with zipfile.ZipFile(zip_path) as zf:
         assert set(zf.namelist()) == SHIPPED - {"demo_bundle/models/model.pt"} | {"demo_bundle/large_files.yml"}
         assert yaml.safe_load(zf.read("demo_bundle/large_files.yml")) == expected
         zf.extractall(tmp_path / "unpacked")
-    # the unpacked bundle is complete once the url is filled in
-    assert check_bundle(tmp_path / "unpacked" / "demo_bundle") == ["large_files.yml: models/model.pt has no 'url' "
-                                                                   "(host the file and fill it in)"]  # fmt: skip
+    unpacked = tmp_path / "unpacked" / "demo_bundle"
+    assert check_bundle(unpacked) == []
+    from monai.bundle import download_large_files
+
+    download_large_files(bundle_path=str(unpacked))  # MONAI's downloader (the zoo CI's does the same per entry)
+    assert (unpacked / "models" / "model.pt").read_bytes() == weights
 
 
 def test_large_file_keeps_existing_url_when_hash_matches(bundle, tmp_path):

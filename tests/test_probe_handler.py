@@ -215,7 +215,7 @@ def test_override_config_adds_the_probe_to_the_trainer_handlers(tmp_path):
                    "ckpt_dir": str(tmp_path / "models"), "checkpoint_objects#probe": "@probe_handler"})
     parser["train#dataloader"] = "$[0]"  # no CT loading: the handlers only need its length
     assert len(parser["train#common_handlers"]) == len(base["train#common_handlers"]) + 1
-    handlers = parser.get_parsed_content("train#handlers")
+    handlers = [h for group in parser.get_parsed_content("train#handlers") for h in group.handlers]
     probes = [h for h in handlers if isinstance(h, FrozenFeatureProbe)]
     assert len(probes) == 1
     from dagman_components.handlers import TeacherEMAHandler

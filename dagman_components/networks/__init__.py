@@ -5,3 +5,4 @@ from dagman_components.networks.heads import ProjectionHead, ReconstructionHead,
 from dagman_components.networks.pretrain import DAGMaNPretrainNetwork, check_head_batch_norm, make_teacher, unwrap
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SemanticAttention, SwinDAGMaN
 from dagman_components.networks.baselines import MaskedReconstructionNetwork
+from dagman_components.networks.embedding import EmbeddingToken, EncoderEmbedding

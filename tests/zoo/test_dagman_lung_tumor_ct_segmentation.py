@@ -1,0 +1,60 @@
+"""Zoo-style unit test of dagman_lung_tumor_ct_segmentation (after the model zoo's ci/unit_tests)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import unittest
+
+import nibabel as nib
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from zoo_utils import check_workflow, copy_bundle, write_ct
+
+NAME = "dagman_lung_tumor_ct_segmentation"
+TINY = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3]}  # no model card beside: explicit settings
+TEST_CASE_INFER = {**TINY, "device": "cpu", "num_workers": 0, "sw_batch_size": 1}
+
+pytestmark = pytest.mark.slow
+
+
+class TestDAGMaNLungTumorSegmentation(unittest.TestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.bundle_root = str(copy_bundle(NAME, self.root))
+        self.dataset_dir = os.path.join(self.root, "data")
+        os.makedirs(self.dataset_dir)
+        self.images = write_ct(self.dataset_dir, count=2, shape=(40, 36, 20), spacing=0.7)
+        parser = ConfigParser()  # weights of the tiny network, saved as the zoo's CI makes them (flat state dict)
+        parser.read_config(os.path.join(self.bundle_root, "configs", "inference.json"))
+        parser.update({"bundle_root": self.bundle_root, **TINY})
+        torch.save(parser.get_parsed_content("network_def").state_dict(),
+                   os.path.join(self.bundle_root, "models", "model.pt"))
+
+    def tearDown(self):
+        shutil.rmtree(self.root)
+
+    def test_infer_config(self):
+        output_dir = os.path.join(self.root, "eval")
+        inferrer = ConfigWorkflow(
+            workflow_type="infer",
+            config_file=os.path.join(self.bundle_root, "configs", "inference.json"),
+            logging_file=os.path.join(self.bundle_root, "configs", "logging.conf"),
+            meta_file=os.path.join(self.bundle_root, "configs", "metadata.json"),
+            bundle_root=self.bundle_root,
+            dataset_dir=self.dataset_dir,
+            output_dir=output_dir,
+            **TEST_CASE_INFER,
+        )
+        check_workflow(inferrer, check_properties=True)
+        masks = sorted(glob.glob(os.path.join(output_dir, "*_seg.nii.gz")))
+        self.assertEqual(len(masks), 2)
+        for image, mask in zip(self.images, masks):
+            self.assertEqual(nib.load(mask).shape, nib.load(image).shape)  # the input's own grid
+
+
+if __name__ == "__main__":
+    unittest.main()
