@@ -17,6 +17,9 @@ written into the repository. The steps, in order, each asserting the outputs its
 4. Organ clustering (``bundles/dagman_organ_ct_clustering/docs/README.md``): ``inference.yaml`` as written.
 5. ``scripts/package_bundle.py`` on the pretraining bundle; the zip is unzipped into an empty folder and
    ``dagman_components.encoder_io.prepare_encoder`` builds and loads the unzipped ``models/model.pt``.
+6. The unzipped bundle runs where it is, with no repository beside it: its ``inference.yaml`` on its own
+   sample CT (features and S_ATT maps), then the demo's command (``--max_epochs 1``) on its own
+   ``sample_data/``.
 """
 
 from __future__ import annotations
@@ -170,3 +173,15 @@ def test_readme_walkthrough(tmp_path):
     common = set(shipped) & set(loaded)
     assert common, "no tensor of model.pt was loaded into the encoder"
     assert all(torch.equal(shipped[k], loaded[k]) for k in common)
+
+    # 6. the unzipped bundle runs by itself: inference on its own sample CT, then the demo on its sample data
+    alone = unzipped / "dagman_ct_pretraining"
+    ct = alone / "sample_data" / "totalseg_example" / "example_ct_sm.nii.gz"
+    _bundle_run(unzipped, "dagman_ct_pretraining", ["dagman_ct_pretraining/configs/inference.yaml"],
+                "--dataset_dir", str(ct.relative_to(unzipped)), "--output_dir", "features")  # fmt: skip
+    with np.load(unzipped / "features" / "features.npz") as features:
+        assert features["cls"].shape[0] == 1 and np.isfinite(features["cls"]).all()
+    assert len(list((unzipped / "features" / "attention").glob("*_s_att.nii.gz"))) == 1
+    demo = [f"dagman_ct_pretraining/configs/{c}" for c in ("train.yaml", "demo.yaml", "probe.yaml")]
+    _bundle_run(unzipped, "dagman_ct_pretraining", demo, "--max_epochs", "1")
+    assert (alone / "models" / "model.pt").is_file() and _is_png(alone / "runs" / "probe_auc.png")
