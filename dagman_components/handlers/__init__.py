@@ -18,6 +18,6 @@ from dagman_components.handlers.monitoring import (
     draw_loss_history,
     plot_loss_history,
 )
-from dagman_components.handlers.weight_decay import WeightDecaySchedule
-from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_momentum, ema_update
+from dagman_components.handlers.optimizer_schedule import OptimizerSchedule
+from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_update
 from dagman_components.handlers.probe import FrozenFeatureProbe

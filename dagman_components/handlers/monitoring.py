@@ -13,6 +13,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from dagman_components.atomic import atomic_write_png
+from dagman_components.distributed import is_main_process
 from dagman_components.handlers.curves import CurveWriter, pyplot
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
 
@@ -21,21 +22,29 @@ __all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "draw_loss_
 
 
 class DataWaitTimer:
-    """Measure how long each iteration waited for its batch and what share of the step that is.
-
-    Sets ``engine.state.data_wait_s`` (this iteration), ``engine.state.data_wait_share`` (wait /
-    (wait + compute), running over the epoch) and logs the epoch's share at its end, with a warning
-    above ``warn_share`` (then use a cached dataset or more workers).
+    """Measure how long each iteration waited for its batch and what share of the step that is, and log
+    both itself: the epoch's share at its end (a warning above ``warn_share``: then use a cached dataset
+    or more workers) and, with ``log_dir``, each iteration's wait as the TensorBoard scalar
+    ``data_wait_s`` (rank 0). The trainer's output is left as it is.
 
     Args:
         warn_share: share of the step time above which the epoch summary is a warning.
+        log_dir: TensorBoard folder of the per-iteration wait; ``None``: the epoch summary only.
     """
 
-    def __init__(self, warn_share: float = 0.1) -> None:
+    def __init__(self, warn_share: float = 0.1, log_dir: str | os.PathLike | None = None) -> None:
         self.warn_share = warn_share
+        self.log_dir = log_dir
         self.logger = logging.getLogger(__name__)
         self._t_get = self._t_done = 0.0
         self._wait = self._total = 0.0
+        self.last_wait_s = 0.0
+        self._writer: Any = None
+
+    @property
+    def share(self) -> float:
+        """Waiting share of the step time so far in this epoch."""
+        return self._wait / self._total if self._total > 0 else 0.0
 
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self._started, Events.GET_BATCH_STARTED):
@@ -45,6 +54,7 @@ class DataWaitTimer:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._completed)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_done)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+        engine.add_event_handler(Events.COMPLETED, self._close)
 
     def _reset(self, engine: Engine) -> None:
         self._wait = self._total = 0.0
@@ -54,21 +64,29 @@ class DataWaitTimer:
 
     def _completed(self, engine: Engine) -> None:
         self._t_done = time.perf_counter()
-        engine.state.data_wait_s = self._t_done - self._t_get
+        self.last_wait_s = self._t_done - self._t_get
 
     def _iteration_done(self, engine: Engine) -> None:
-        wait = float(getattr(engine.state, "data_wait_s", 0.0))
-        self._wait += wait
-        self._total += time.perf_counter() - self._t_done + wait
-        engine.state.data_wait_share = self._wait / self._total if self._total > 0 else 0.0
-        if isinstance(engine.state.output, dict) and isinstance(engine.state.output.get("scalars"), dict):
-            engine.state.output["scalars"]["data_wait_s"] = wait
+        self._wait += self.last_wait_s
+        self._total += time.perf_counter() - self._t_done + self.last_wait_s
+        if self.log_dir is not None and is_main_process():
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer.add_scalar("data_wait_s", self.last_wait_s, engine.state.iteration)
 
     def _report(self, engine: Engine) -> None:
-        share = float(getattr(engine.state, "data_wait_share", 0.0))
-        log = self.logger.warning if share > self.warn_share else self.logger.info
+        log = self.logger.warning if self.share > self.warn_share else self.logger.info
         log("epoch %d: data loading took %.1f%% of step time (%.2f s waiting in all)", engine.state.epoch,
-            100 * share, self._wait)
+            100 * self.share, self._wait)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _close(self, engine: Engine) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 #: The loss series the curves record by default.
