@@ -244,40 +244,29 @@ def nodule_images(nodules: str, cache: Path) -> dict[str, Any]:
     return data
 
 
-@torch.inference_mode()
-def encode(encoder: torch.nn.Module, images: torch.Tensor, token: str, batch: int = 32) -> np.ndarray:
-    """Frozen features (``cls`` or ``global``) of (N, 1, D, H, W) images."""
-    return np.concatenate(
-        [encoder(images[i : i + batch].float())[token].float().cpu().numpy() for i in range(0, len(images), batch)]
-    )
-
-
 def linear_probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
     """Logistic regression (standardised features, balanced classes) in patient-grouped stratified
-    folds (classification components); AUC per fold and of the pooled out-of-fold scores."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    folds: the in-loop probe's classifier (``dagman_components.handlers.probe``); AUC per fold and of
+    the pooled out-of-fold scores."""
     import dagman_components.classification as nc
+    from dagman_components.handlers.probe import probe_scores
 
-    scores = np.zeros(len(y))
-    aucs = []
-    for test in nc.grouped_stratified_folds(y, groups, n_folds=folds, seed=seed):
-        train = np.setdiff1d(np.arange(len(y)), test)
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000))
-        clf.fit(x[train], y[train])
-        scores[test] = clf.predict_proba(x[test])[:, 1]
-        aucs.append(nc.roc_auc(scores[test], y[test]))
-    return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_folds": [float(a) for a in aucs],
-            "auc_pooled": float(nc.roc_auc(scores, y)), "cases": int(len(y)), "positives": int(y.sum()),
-            "folds": folds, "classifier": "StandardScaler + LogisticRegression(C=1, balanced)"}
+    test_folds = nc.grouped_stratified_folds(y, groups, n_folds=folds, seed=seed)
+    result = probe_scores(x, y, test_folds, classifier="logistic", C=1.0, max_iter=5000, class_weight="balanced",
+                          seed=seed)
+    aucs = result.fold_aucs
+    return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_folds": aucs,
+            "auc_pooled": float(nc.roc_auc(result.scores[result.scored], y[result.scored])), "cases": int(len(y)),
+            "positives": int(y.sum()), "folds": folds, "classifier": "StandardScaler + LogisticRegression(C=1, balanced)"}
 
 
 def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Linear probe of nodule malignancy on frozen features."""
+    from dagman_components.frozen_features import frozen_features, image_batches
+
     data = nodule_images(args.nodules, args.output / "cache" / "nodules.pt")
-    x = encode(_encoder(run_dir, args), data["images"], args.lp_token)
+    x = frozen_features(_encoder(run_dir, args), image_batches(data["images"], 32), [args.lp_token],
+                        description="nodule features")[args.lp_token].numpy()
     return {**linear_probe_auc(x, data["labels"], data["patients"], args.lp_folds, args.split_seed),
             "token": args.lp_token}
 

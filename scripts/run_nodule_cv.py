@@ -4,12 +4,10 @@
 """Cross-validate the nodule classification bundle: folds x few-shot fractions x (linear probe, fine-tune)
 x encoder initialisations, into one JSON of all figures plus ROC-curve PNGs. Resumable.
 
-Fine-tuning runs the bundle itself (``configs/train.yaml`` then ``configs/evaluate.yaml``, in this
-process, with the fold / fraction / mode / weights as overrides). Linear probing uses the bundle's
-network, preprocessing, table, split and loss, but trains the head on features of the frozen encoder
-computed once per initialisation: with the encoder frozen and in eval mode and no augmentation this
-is the same optimisation problem as ``train.yaml --mode linear_probe --augment false``, hundreds of
-times cheaper on a CPU. ``--lp_backend bundle`` runs the bundle for linear probing too.
+Every run is the bundle itself (``configs/train.yaml`` then ``configs/evaluate.yaml``, in this
+process, with the fold / fraction / mode / weights as overrides). Linear probing runs
+``--mode linear_probe --augment false``: the bundle embeds each crop once with the frozen encoder and
+trains the head on the cached features (``cache_features``), so ``--lp_epochs`` cost little.
 
 Every finished run is written to the JSON at once (atomically); rerunning the same command skips
 finished runs, so a run killed by ``--max_minutes`` or by hand continues where it stopped. The
@@ -26,11 +24,9 @@ Example (the evidence of the bundle README; 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -39,15 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from monai.bundle import ConfigParser
-from monai.data import DataLoader, Dataset
-from monai.transforms import Compose
-from monai.utils import set_determinism
 
 import dagman_components.classification as nc
-from dagman_components.atomic import atomic_save, atomic_write_text
+from dagman_components.atomic import atomic_write_text
 from dagman_components.progress import progress
 
 logger = logging.getLogger("run_nodule_cv")
@@ -70,9 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run (YAML values), e.g. embed_dim=24 'num_heads=[3,6,12,24]'")
     p.add_argument("--ft_epochs", type=int, default=6, help="fine-tuning epochs (bundle max_epochs)")
-    p.add_argument("--lp_epochs", type=int, default=100, help="linear-probe epochs on cached features")
-    p.add_argument("--lp_lr", type=float, default=1e-3)
-    p.add_argument("--lp_backend", choices=("features", "bundle"), default="features")
+    p.add_argument("--lp_epochs", type=int, default=100, help="linear-probe epochs (bundle max_epochs)")
+    p.add_argument("--lp_lr", type=float, default=1e-3, help="linear-probe learning rate (bundle learning_rate)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per test report")
     p.add_argument("--max_minutes", type=float, default=0, help="start no new run after this (0: no limit)")
     p.add_argument("--output", type=Path, help="results JSON (default: <work_dir>/nodule_cv_results.json)")
@@ -148,72 +139,6 @@ def bundle_run(bundle: Path, overrides: Mapping[str, Any], run_dir: Path, n_boot
             "predictions": {"id": ids, "score": scores.tolist(), "label": labels.tolist()}}
 
 
-# ---------------------------------------------------------------------------- linear probing (cached features)
-
-
-@torch.no_grad()
-def encoder_features(bundle: Path, overrides: Mapping[str, Any], cache: Path) -> dict[str, torch.Tensor]:
-    """Head-input features of every case of the table, from the frozen encoder (cached in ``cache``)."""
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
-    parser = make_parser(bundle, ["train.yaml"], {**overrides, "mode": "linear_probe", "device": "$torch.device('cpu')"})
-    set_determinism(seed=parser.get_parsed_content("seed"))
-    net = parser.get_parsed_content("network_def")
-    nc.load_encoder_weights(net, parser.get_parsed_content("pretrained_path"))
-    net.eval()
-    items = parser.get_parsed_content("table")
-    loader = DataLoader(Dataset(items, Compose(parser.get_parsed_content("preprocessing"))), batch_size=16,
-                        num_workers=0)
-    feats: dict[str, torch.Tensor] = {}
-    for batch in progress(loader, "encoder features", unit="batch"):
-        out = net.features(batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"])
-        feats.update({case: f.clone() for case, f in zip(batch["id"], out)})
-    atomic_save(feats, cache)
-    return feats
-
-
-def linear_probe_run(parser_overrides: Mapping[str, Any], bundle: Path, feats: Mapping[str, torch.Tensor],
-                     epochs: int, lr: float, n_boot: int) -> dict:
-    """Train the bundle's linear head on cached features of one split; select the epoch and the threshold
-    on validation; report on test."""
-    parser = make_parser(bundle, ["train.yaml"], {**parser_overrides, "mode": "linear_probe"})
-    seed = int(parser.get_parsed_content("seed"))
-    splits = parser.get_parsed_content("splits")
-    set_determinism(seed=seed)
-    head = parser.get_parsed_content("network_def").head
-    x = {k: torch.stack([feats[it["id"]] for it in v]) for k, v in splits.items()}
-    y = {k: torch.tensor([int(it["label"]) for it in v]) for k, v in splits.items()}
-    loss_fn = torch.nn.CrossEntropyLoss(weight=nc.balanced_class_weights(splits["train"]))
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=float(parser.get_parsed_content("weight_decay")))
-    batch = int(parser.get_parsed_content("batch_size"))
-    g = torch.Generator().manual_seed(seed)
-    best = (-math.inf, None, 0)
-    for epoch in range(1, epochs + 1):
-        head.train()
-        for idx in torch.randperm(len(y["train"]), generator=g).split(batch):
-            if len(idx) < 2:  # the head's BatchNorm needs two cases (the bundle's loader drops the last batch)
-                continue
-            opt.zero_grad()
-            loss_fn(head(x["train"][idx]), y["train"][idx]).backward()
-            opt.step()
-        head.eval()
-        with torch.no_grad():
-            val = torch.softmax(head(x["val"]), 1)[:, 1].numpy()
-        auc = nc.roc_auc(val, y["val"].numpy())
-        if auc > best[0]:
-            best = (auc, copy.deepcopy(head.state_dict()), epoch)
-    head.load_state_dict(best[1])
-    head.eval()
-    with torch.no_grad():
-        val = torch.softmax(head(x["val"]), 1)[:, 1].numpy()
-        test = torch.softmax(head(x["test"]), 1)[:, 1].numpy()
-    threshold = nc.youden_threshold(val, y["val"].numpy())
-    report = nc.binary_report(test, y["test"].numpy(), threshold, n_boot=n_boot, seed=seed)
-    return {"test": report, "val": {"val_auc": best[0], "epoch": best[2], "n_val": len(val)},
-            "predictions": {"id": [it["id"] for it in splits["test"]], "score": test.tolist(),
-                            "label": y["test"].tolist()}}
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -282,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {f: hashlib.sha256((args.bundle / "configs" / f).read_bytes()).hexdigest()[:16]
                for f in ("train.yaml", "evaluate.yaml")}
     settings = {"bundle": str(args.bundle.resolve()), "config_sha256": configs, "overrides": overrides, "inits": inits,
-                "ft_epochs": args.ft_epochs, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr,
-                "lp_backend": args.lp_backend, "n_boot": args.n_boot}
+                "ft_epochs": args.ft_epochs, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr, "n_boot": args.n_boot}
     results = json.loads(output.read_text()) if output.is_file() else {"settings": settings, "runs": {}}
     if results["settings"] != settings:
         raise SystemExit(f"{output} holds results of other settings ({results['settings']}); "
@@ -303,16 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         weights = None if inits[init] == "random" else inits[init]
         run_over = {**overrides, "fold": fold, "few_shot_fraction": fraction, "pretrained_path": weights}
-        if mode == "linear_probe" and args.lp_backend == "features":
-            key_of_features = json.dumps([settings["config_sha256"], overrides, inits[init]], sort_keys=True)
-            digest = hashlib.sha256(key_of_features.encode()).hexdigest()[:12]
-            feats = encoder_features(args.bundle, run_over, args.work_dir / f"features_{init}_{digest}.pt")
-            run = linear_probe_run(run_over, args.bundle, feats, args.lp_epochs, args.lp_lr, args.n_boot)
-        else:
-            extra = {"max_epochs": args.ft_epochs} if mode == "finetune" else {"augment": False}
-            run_dir = args.work_dir / "runs" / key.replace("|", "_")
-            cache = persistent_datasets(args.work_dir / "preprocessed")
-            run = bundle_run(args.bundle, {**run_over, **extra, **cache, "mode": mode}, run_dir, args.n_boot)
+        extra = ({"max_epochs": args.ft_epochs} if mode == "finetune" else
+                 {"max_epochs": args.lp_epochs, "learning_rate": args.lp_lr, "augment": False})
+        run_dir = args.work_dir / "runs" / key.replace("|", "_")
+        cache = persistent_datasets(args.work_dir / "preprocessed")
+        run = bundle_run(args.bundle, {**run_over, **extra, **cache, "mode": mode}, run_dir, args.n_boot)
         run["minutes"] = round((time.monotonic() - t0) / 60, 2)
         results["runs"][key] = run
         results["summary"] = summarise(results["runs"])

@@ -450,6 +450,27 @@ def test_linear_probe_run_keeps_the_pretrained_encoder(tmp_path):
 
 
 @pytest.mark.slow
+def test_linear_probe_on_cached_features_trains_the_head_the_uncached_run_trains(tmp_path):
+    """train.yaml in linear_probe mode without augmentation: embedding each crop once gives the head, the
+    validation AUC and the threshold of the run that runs the frozen encoder every epoch."""
+    pretrained = _encoder(seed=3)
+    torch.save(pretrained.state_dict(), tmp_path / "model.pt")
+    results = {}
+    for cached in (True, False):
+        bundle = _copy_bundle(tmp_path / str(cached))
+        _run(bundle, ["train.yaml"], pretrained_path=str(tmp_path / "model.pt"), mode="linear_probe", augment=False,
+             cache_features=cached, max_epochs=2)
+        results[cached] = (torch.load(bundle / "models" / "model.pt", weights_only=True),
+                           json.loads((bundle / "models" / "threshold.json").read_text()))
+    (weights, info), (weights_uncached, info_uncached) = results[True], results[False]
+    torch.testing.assert_close(weights["head.fc.weight"], weights_uncached["head.fc.weight"], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(weights["head.fc.weight"], nc.NoduleClassifier(_encoder()).head.fc.weight)
+    assert info["epoch"] == info_uncached["epoch"]
+    assert info["val_auc"] == pytest.approx(info_uncached["val_auc"], abs=1e-6)
+    assert info["threshold"] == pytest.approx(info_uncached["threshold"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_multi_gpu_config_runs_under_a_process_group(tmp_path, monkeypatch):
     """multi_gpu_train.yaml with a one-process gloo group (what torchrun sets up per process): DDP wrapper,
     DistributedSampler, rank-0 publishing and the group's teardown."""

@@ -1,8 +1,9 @@
 # Copyright (c) DAGMaN components contributors.
 # Licensed under the Apache License, Version 2.0.
 """Binary classification figures: ROC AUC, ROC curve, a validation-chosen threshold, sensitivity and
-specificity, and percentile-bootstrap 95 % intervals. Plain numpy on scores and {0, 1} labels
-(torch tensors are accepted); the Ignite side lives in :mod:`dagman_components.classification.handlers`.
+specificity, and percentile-bootstrap 95 % intervals, on scores and {0, 1} labels (numpy arrays,
+lists or torch tensors). The ROC AUC and curve are scikit-learn's, with the inputs checked first;
+the Ignite side lives in :mod:`dagman_components.classification.handlers`.
 
 Conventions (those of scikit-learn): a case is called malignant when ``score >= threshold``; the
 ROC curve's thresholds are the distinct scores in decreasing order, preceded by ``inf``.
@@ -44,17 +45,8 @@ def as_binary_arrays(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return s, y.astype(np.int64)
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    return ranks
-
-
 def roc_auc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties counted one half).
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``; ties count one half).
 
     Raises:
         ValueError: when the labels hold a single class (the AUC is undefined).
@@ -63,36 +55,32 @@ def roc_auc(scores: Any, labels: Any) -> float:
         >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
         0.75
     """
+    from sklearn.metrics import roc_auc_score
+
     s, y = as_binary_arrays(scores, labels)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.min() == y.max():
         raise ValueError("ROC AUC is undefined when only one class is present.")
-    ranks = _average_ranks(s)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every distinct threshold.
+    """False- and true-positive rates at every distinct threshold (scikit-learn's ``roc_curve``
+    with ``drop_intermediate=False``).
 
     Returns:
         ``(fpr, tpr, thresholds)``; ``thresholds[0]`` is ``inf`` (nothing called positive), then the
-        distinct scores in decreasing order (scikit-learn's ``roc_curve(..., drop_intermediate=False)``).
+        distinct scores in decreasing order.
 
     Raises:
         ValueError: when the labels hold a single class.
     """
+    from sklearn.metrics import roc_curve as sklearn_roc_curve
+
     s, y = as_binary_arrays(scores, labels)
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.min() == y.max():
         raise ValueError("the ROC curve is undefined when only one class is present.")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_value = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s) - 1]
-    tps = np.cumsum(y_sorted)[last_of_value]
-    fps = (last_of_value + 1) - tps
-    thresholds = np.r_[np.inf, s_sorted[last_of_value]]
-    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], thresholds
+    fpr, tpr, thresholds = sklearn_roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def youden_threshold(scores: Any, labels: Any) -> float:

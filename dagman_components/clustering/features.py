@@ -23,7 +23,8 @@ from monai.utils import StrEnum, look_up_option
 
 from dagman_components.data import check_roi_size
 from dagman_components.encoder_io import EncoderOutput
-from dagman_components.progress import progress
+from dagman_components.frozen_features import frozen_features
+from dagman_components.progress import progress, progress_enabled
 
 __all__ = ["FeatureToken", "OrganFeatureExtractor", "VOXEL_GRID"]
 
@@ -111,17 +112,15 @@ class OrganFeatureExtractor:
         """
         if images.ndim != 4:
             raise ValueError(f"images must be (N, D, H, W), got shape {images.shape}.")
-        if encoder is not None and self.token != FeatureToken.VOXELS:
-            encoder = encoder.to(self.device).eval()
-        chunks = []
         starts = range(0, images.shape[0], self.batch_size)
-        for start in progress(starts, f"features ({self.token})", unit="batch", enabled=self.progress):
-            x = self._prepare(images[start : start + self.batch_size])
-            if self.token == FeatureToken.VOXELS:
-                f = F.adaptive_avg_pool3d(x, VOXEL_GRID).flatten(1)
-            else:
-                f = encoder(x.to(self.device))[str(self.token)]  # type: ignore[misc]
-            chunks.append(f.float().cpu().numpy())
-        if not chunks:
+        batches = (self._prepare(images[start : start + self.batch_size]) for start in starts)
+        if self.token == FeatureToken.VOXELS:
+            bar = progress(batches, f"features ({self.token})", total=len(starts), unit="batch", enabled=self.progress)
+            chunks = [F.adaptive_avg_pool3d(x, VOXEL_GRID).flatten(1).numpy() for x in bar]
+            return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, VOXEL_GRID**3), np.float32)
+        if not len(starts):
             return np.zeros((0, self.feature_dim(encoder)), np.float32)
-        return np.concatenate(chunks).astype(np.float32)
+        description = f"features ({self.token})" if progress_enabled(self.progress) else None
+        feats = frozen_features(encoder.to(self.device), batches, [str(self.token)], self.device, description,
+                                total=len(starts))
+        return feats[str(self.token)].numpy().astype(np.float32)

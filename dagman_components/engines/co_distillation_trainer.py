@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from dagman_components.data.resumable import derive_seed
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
+from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.schedules import value_at
 
@@ -33,7 +34,7 @@ def _split_views(out: dict, n: int = 2) -> list[dict]:
     """Split a network output computed on ``n`` concatenated views back into one dict per view."""
     views: list[dict] = [{} for _ in range(n)]
     for key, value in out.items():
-        if key == "sa_grid":
+        if key == EncoderOutput.SA_GRID:
             parts = [value] * n
         elif isinstance(value, list):
             chunks = [v.chunk(n) for v in value]
@@ -331,9 +332,9 @@ class CoDistillationTrainer(Trainer):
             teacher_out = _split_views(self.teacher(both, token_drop=self.patch_dropout(2 * b, patch_grid, dev)))
             if self.clean_teacher_attention and self.masking.needs_attention:
                 clean = _split_views(self.teacher(both))
-                attention = [clean[0]["s_att"], clean[1]["s_att"]]
+                attention = [clean[0][EncoderOutput.S_ATT], clean[1][EncoderOutput.S_ATT]]
             else:
-                attention = [teacher_out[0]["s_att"], teacher_out[1]["s_att"]]
+                attention = [teacher_out[0][EncoderOutput.S_ATT], teacher_out[1][EncoderOutput.S_ATT]]
         cell_masks = [self.masking(att, sa_grid, b) for att in attention]
         patch_mask = upsample_mask(torch.cat(cell_masks), sa_grid, encoder.patches_per_sa_cell)
         voxel_masks = [upsample_mask(m, sa_grid, encoder.sa_stride) for m in cell_masks]

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
-from monai.networks.utils import eval_mode
 
 from dagman_components.classification.splits import few_shot_subset, grouped_stratified_folds
 from dagman_components.classification.table import NoduleTableError, read_nodule_table
 from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
 from dagman_components.data import HU_WINDOW
 from dagman_components.distributed import is_main_process
+from dagman_components.frozen_features import frozen_features, image_batches, module_device
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.atomic import atomic_write_png, atomic_write_text
 
@@ -44,8 +44,9 @@ __all__ = [
     "CLASSIFIERS",
     "select_cases",
     "check_probe_classes",
-    "encode_tokens",
     "probe_auc",
+    "probe_scores",
+    "ProbeScores",
     "plot_probe_history",
 ]
 
@@ -129,50 +130,6 @@ def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source
         )
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    """The device of the first parameter or buffer of ``module`` (CPU when it has none)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def encode_tokens(
-    encoder: nn.Module,
-    images: torch.Tensor,
-    tokens: Sequence[str] = ("cls", "global"),
-    batch_size: int = 16,
-    device: torch.device | str | None = None,
-) -> dict[str, np.ndarray]:
-    """Frozen features of ``images``: the encoder in eval mode, without gradients, mask or token dropout.
-
-    Args:
-        encoder: a module whose output is a dict holding each of ``tokens`` as a (B, C) tensor
-            (a :class:`~dagman_components.networks.SwinDAGMaN`); its mode is restored afterwards.
-        images: (N, C, D, H, W) images (any device; each batch is moved to ``device``).
-        tokens: the output keys to keep.
-        batch_size: images per forward pass.
-        device: where the forward passes run (default: the encoder's device).
-
-    Returns:
-        ``token -> (N, C) float64 array``.
-
-    Raises:
-        KeyError: when the encoder's output lacks one of ``tokens``.
-    """
-    device = torch.device(device) if device is not None else _module_device(encoder)
-    chunks: dict[str, list[np.ndarray]] = {t: [] for t in tokens}
-    with eval_mode(encoder):  # MONAI: eval mode and no_grad, the previous mode restored
-        for start in range(0, len(images), max(1, int(batch_size))):
-            out = encoder(images[start : start + batch_size].to(device=device, dtype=torch.float32))
-            missing = [t for t in tokens if not isinstance(out, Mapping) or t not in out]
-            if missing:
-                keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-                raise KeyError(f"the probed encoder's output has no {missing} (it has {keys}); set tokens accordingly.")
-            for t in tokens:
-                chunks[t].append(out[t].detach().float().flatten(1).cpu().numpy().astype(np.float64))
-    return {t: np.concatenate(c) for t, c in chunks.items()}
-
-
 def _make_classifier(classifier: str, n_train: int, C: float, max_iter: int, n_neighbors: int,
                      class_weight: str | None, seed: int) -> Any:
     """A fresh StandardScaler + classifier pipeline (LogisticRegression or kNN)."""
@@ -188,7 +145,23 @@ def _make_classifier(classifier: str, n_train: int, C: float, max_iter: int, n_n
     return make_pipeline(StandardScaler(), model)
 
 
-def probe_auc(
+@dataclass
+class ProbeScores:
+    """Out-of-fold results of a probe.
+
+    Attributes:
+        scores: (N,) malignancy probability of each case from the fold that held it out (NaN for
+            the cases of skipped folds).
+        fold_aucs: test ROC AUC of each scored fold, in fold order.
+        scored: mask (N,) of the cases that have a score.
+    """
+
+    scores: np.ndarray
+    fold_aucs: list[float]
+    scored: np.ndarray
+
+
+def probe_scores(
     features: np.ndarray,
     labels: np.ndarray,
     folds: Sequence[np.ndarray],
@@ -198,8 +171,8 @@ def probe_auc(
     n_neighbors: int = 10,
     class_weight: str | None = None,
     seed: int = 0,
-) -> float:
-    """Mean test ROC AUC over the folds of a classifier fitted on standardised frozen features.
+) -> ProbeScores:
+    """Cross-validated scores of a classifier fitted on standardised frozen features.
 
     For each fold, StandardScaler + the classifier are fitted on the other folds and the test
     fold's malignancy probabilities are scored with ``sklearn.metrics.roc_auc_score``. Folds whose
@@ -218,7 +191,8 @@ def probe_auc(
         seed: ``random_state`` of the logistic regression.
 
     Returns:
-        The mean AUC, or NaN when the features are not finite or no fold could be scored.
+        The out-of-fold scores and the AUC of each scored fold; no fold is scored when the
+        features are not finite.
 
     Raises:
         ValueError: for an unknown ``classifier``.
@@ -228,10 +202,10 @@ def probe_auc(
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
     x, y = np.asarray(features, dtype=np.float64), np.asarray(labels).astype(int)
+    result = ProbeScores(scores=np.full(len(y), np.nan), fold_aucs=[], scored=np.zeros(len(y), bool))
     if not np.isfinite(x).all():
         logger.warning("probe: the features are not finite (diverged weights?); AUC set to NaN")
-        return float("nan")
-    aucs = []
+        return result
     for k, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(y)), test)
         if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
@@ -239,7 +213,19 @@ def probe_auc(
             continue
         model = _make_classifier(classifier, len(train), C, max_iter, n_neighbors, class_weight, seed)
         model.fit(x[train], y[train])
-        aucs.append(float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1])))
+        result.scores[test] = model.predict_proba(x[test])[:, 1]
+        result.scored[test] = True
+        result.fold_aucs.append(float(roc_auc_score(y[test], result.scores[test])))
+    return result
+
+
+def probe_auc(features: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarray], **kwargs: Any) -> float:
+    """Mean test ROC AUC over the folds of :func:`probe_scores` (same arguments).
+
+    Returns:
+        The mean AUC, or NaN when the features are not finite or no fold could be scored.
+    """
+    aucs = probe_scores(features, labels, folds, **kwargs).fold_aucs
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
@@ -445,7 +431,7 @@ class FrozenFeatureProbe:
         if self.device is not None:
             return torch.device(self.device)
         device = getattr(getattr(engine, "state", None), "device", None)
-        return torch.device(device) if device is not None else _module_device(encoder)
+        return torch.device(device) if device is not None else module_device(encoder)
 
     def features(self, engine: Engine | None = None) -> dict[str, np.ndarray]:
         """The frozen features of the labelled set, ``token -> (N, C)``.
@@ -457,7 +443,9 @@ class FrozenFeatureProbe:
             The features of every token.
         """
         encoder = self._encoder(engine)
-        return encode_tokens(encoder, self.data.images, self.tokens, self.batch_size, self._device(engine, encoder))
+        feats = frozen_features(encoder, image_batches(self.data.images, self.batch_size), self.tokens,
+                                self._device(engine, encoder))
+        return {t: f.flatten(1).numpy().astype(np.float64) for t, f in feats.items()}
 
     def score(self, features: Mapping[str, np.ndarray]) -> dict[str, float]:
         """The mean test AUC of each token's features over the probe's folds.
@@ -469,8 +457,9 @@ class FrozenFeatureProbe:
             ``token -> AUC``.
         """
         d = self.data
-        return {t: probe_auc(features[t], d.labels, d.folds, self.classifier, self.C, self.max_iter, self.n_neighbors,
-                             self.class_weight, self.seed) for t in self.tokens}
+        return {t: probe_auc(features[t], d.labels, d.folds, classifier=self.classifier, C=self.C,
+                             max_iter=self.max_iter, n_neighbors=self.n_neighbors, class_weight=self.class_weight,
+                             seed=self.seed) for t in self.tokens}
 
     def run_probe(self, engine: Engine) -> dict[str, Any]:
         """Probe now, record the result and report it (files, state, scalars, log).

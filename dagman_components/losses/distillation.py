@@ -365,7 +365,7 @@ class DAGMaNLoss(nn.Module):
         out.update(prefixed(distillation_diagnostics(pairs, emb, self.patch_ce.center, teacher_temp,
                                                      self.patch_ce.student_temp, teacher_probs=list(targets["patch"])),
                             "ampd"))
-        if "s_att" in tu:
+        if EncoderOutput.S_ATT in tu:
             out.update(prefixed(attention_diagnostics(torch.cat([tu[EncoderOutput.S_ATT], tv[EncoderOutput.S_ATT]])), "satt"))
         return out
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dagman_components.atomic import atomic_write_text
-from dagman_components.encoder_io import prepare_encoder, read_model_card
+from dagman_components.encoder_io import EncoderOutput, prepare_encoder, read_model_card
 from dagman_components.metrics.diversity_report import volume_loader
 from dagman_components.progress import progress
 from dagman_components.visualize.heatmap import (
@@ -63,10 +63,10 @@ def attention_volume(encoder: nn.Module, image: torch.Tensor, mode: str = "neare
         out = encoder(image)
     finally:
         encoder.train(was_training)
-    if "s_att" not in out:
+    if EncoderOutput.S_ATT not in out:
         raise ValueError(f"{type(encoder).__name__} has no semantic-attention block (sa_stage=None): no S_ATT to draw.")
-    grid = tuple(int(g) for g in out["sa_grid"])
-    att = out["s_att"][:1].reshape(1, 1, *grid).float()
+    grid = tuple(int(g) for g in out[EncoderOutput.SA_GRID])
+    att = out[EncoderOutput.S_ATT][:1].reshape(1, 1, *grid).float()
     extra = {"align_corners": False} if mode == "trilinear" else {}
     vox = F.interpolate(att, size=tuple(image.shape[2:]), mode=mode, **extra)[0, 0].cpu().numpy()
     lo, hi = float(vox.min()), float(vox.max())
