@@ -33,7 +33,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-STEP_HANDLERS = ("TeacherEMAHandler", "LrScheduleHandler", "WeightDecaySchedule")
+STEP_HANDLERS = ("TeacherEMAHandler", "OptimizerSchedule")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 
 from dagman_components.engines import CoDistillationTrainer, MicroBatches, autocast_settings, optimizer_steps_per_epoch
 from dagman_components.handlers import CollapseAlarm, TeacherEMAHandler
+from dagman_components.schedules import teacher_momentum_schedule, teacher_temperature_schedule
 from dagman_components.losses import DAGMaNLoss, attention_diagnostics, distillation_diagnostics, feature_spread
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN, make_teacher
@@ -182,13 +183,16 @@ def _train(loader, accumulate_steps: int, student, teacher, amp: bool = False, m
     """Train with plain SGD (the update is -lr * gradient, so updates compare exactly) and an EMA handler."""
     loss = DAGMaNLoss(out_dim=K)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr)
+    total = max_epochs * (len(loader) // accumulate_steps)  # optimizer steps of the run
+    momentum = teacher_momentum_schedule(0.9, 1.0, total)
     trainer = CoDistillationTrainer(
         device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=student, teacher=teacher,
         optimizer=optimizer, loss_function=loss, masking=AttentionGuidedMasking("attention_high"),
         patch_dropout=PatchDropout(0.0), accumulate_steps=accumulate_steps, amp=amp, amp_dtype="bfloat16",
         teacher_amp=teacher_amp,
-        freeze_last_layer_iterations=freeze_last_layer_iterations, warmup_teacher_temp=0.04, teacher_temp=0.07,
-        warmup_teacher_temp_iterations=3, train_handlers=[TeacherEMAHandler(teacher, base_momentum=0.9)], seed=0,
+        freeze_last_layer_iterations=freeze_last_layer_iterations,
+        teacher_temp=teacher_temperature_schedule(0.07, 0.04, warmup_steps=3, total_steps=total),
+        teacher_momentum=momentum, train_handlers=[TeacherEMAHandler(teacher, momentum)], seed=0,
     )
     steps = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(

@@ -94,7 +94,7 @@ def test_segmentation_resumes_with_the_same_best_model_and_curves(tmp_path):
     bundle = bundle_copy(tmp_path / "killed", name, kill=True)
     log = killed_then_rerun(bundle, ["train.yaml", "demo.yaml"], *args)
     assert "resumed from" in log and "at epoch 1" in log
-    load = lambda b: torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]  # noqa: E731
+    load = lambda b: torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)  # noqa: E731
     assert_same_weights(load(bundle), load(reference))
     curves = (bundle / "runs" / "training_curves.csv").read_text()
     assert [row.split(",")[0] for row in curves.splitlines()[1:]] == ["1", "2", "3"]

@@ -53,7 +53,7 @@ def app_models(tmp_path_factory) -> Path:
     net = SwinUNETR(1, 2, feature_size=s["embed_dim"], depths=s["depths"], num_heads=s["num_heads"],
                     window_size=s["window_size"], patch_size=s["patch_size"])
     (bundle / "models").mkdir()
-    torch.save({"model": net.state_dict()}, bundle / "models" / "model.pt")
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")  # flat, as the bundle's training writes it
     encoder = SwinDAGMaN(in_channels=1, **s)
     export_encoder(encoder, root / "dagman_ct_pretraining" / "models" / "model.pt", {"network": {"in_channels": 1, **s}})
     return root
@@ -86,12 +86,12 @@ def test_monailabel_bundle_training_with_its_overrides(app_models):
     task = BundleTrainTask(str(bundle), conf={})
     assert task.is_valid()
     items = [{"image": i["image"], "label": i["label"]} for i in build_segmentation_datalist(SAMPLE)[:2]]
-    before = torch.load(bundle / "models" / "model.pt", weights_only=True)["model"]
+    before = torch.load(bundle / "models" / "model.pt", weights_only=True)
     # MONAI Label overrides bundle_root, device, max_epochs, the two data lists and train#handlers (with a
     # CheckpointLoader of models/model.pt inserted, "pretrained"); the config itself is used unchanged
     task({"model": NAME, "max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False,
           "pretrained": True, "tracking": "None"}, _Datastore(items))
-    after = torch.load(bundle / "models" / "model.pt", weights_only=True)["model"]
+    after = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert set(after) == set(before)
     assert any(not torch.equal(after[k], before[k]) for k in after)  # trained and saved again
     assert (bundle / "runs" / "training_curves.png").is_file()

@@ -492,17 +492,22 @@ def test_multi_gpu_config_runs_under_a_process_group(tmp_path, monkeypatch):
 def test_best_saver_publishes_only_when_finished(tmp_path):
     from types import SimpleNamespace
 
+    from dagman_components.handlers import BestMetricSaver
+
     net = nc.NoduleClassifier(_encoder())
     collector = nc.ScoreCollector()
     collector.scores, collector.labels = [0.2, 0.8, 0.6, 0.1], [0, 1, 1, 0]
     model, threshold = tmp_path / "model.pt", tmp_path / "threshold.json"
     model.write_text("weights of an earlier run")
-    saver = nc.BestClassifierSaver(net, collector, model, threshold)
+    saver = BestMetricSaver(model, net, key_metric_name="val_auc", publish_at_end=True,
+                            companions=[nc.ValidationThreshold(collector, threshold)])
     saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_auc": 1.0}, epoch=3)))
     assert model.read_text() == "weights of an earlier run" and not threshold.exists()  # a failed run stops here
     saver.publish()
     info = nc.load_threshold(threshold, model)
     assert info["threshold"] == 0.6 and info["epoch"] == 3 and info["val_sensitivity"] == 1.0
+    assert info["val_auc"] == 1.0 and not (tmp_path / ".staging").exists()
+    assert set(torch.load(model, weights_only=True)) == set(net.state_dict())  # a flat state dict
     torch.save({"other": torch.zeros(1)}, model)
     with pytest.raises(ValueError, match="another model"):
         nc.load_threshold(threshold, model)

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dagman_components.handlers import ema_momentum, ema_update
-from dagman_components.schedules import WarmupCosineFactor, cosine_schedule, teacher_temperature_schedule
+from dagman_components.handlers import ema_update
+from dagman_components.schedules import (
+    WarmupCosineFactor,
+    cosine_schedule,
+    ema_momentum,
+    teacher_momentum_schedule,
+    teacher_temperature_schedule,
+    value_at,
+    warmup_cosine_schedule,
+)
 
 
 def test_cosine_schedule_endpoints():
@@ -20,7 +28,7 @@ def test_cosine_schedule_endpoints():
 
 
 def test_teacher_temperature_warmup():
-    t = teacher_temperature_schedule(0.07, 0.04, warmup_epochs=30, total_epochs=800)
+    t = teacher_temperature_schedule(0.07, 0.04, warmup_steps=30, total_steps=800)
     assert len(t) == 800 and t[0] == pytest.approx(0.04) and t[29] == pytest.approx(0.07) and t[-1] == 0.07
     assert np.all(np.diff(t[:30]) > 0)
 
@@ -54,22 +62,44 @@ def test_ema_update_arithmetic():
         ema_update(nn.Linear(2, 2), nn.Sequential(), 0.9)
 
 
-def test_weight_decay_follows_a_cosine_over_optimizer_steps_and_spares_undecayed_groups():
+def test_optimizer_schedule_sets_lr_and_decay_per_optimizer_step_and_spares_undecayed_groups():
     from ignite.engine import Engine
 
-    from dagman_components.handlers import WeightDecaySchedule
+    from dagman_components.handlers import OptimizerSchedule
 
     net = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW([{"params": [net.weight], "weight_decay": 0.04}, {"params": [net.bias], "weight_decay": 0.0}])
+    opt = torch.optim.AdamW([{"params": [net.weight], "weight_decay": 0.04},
+                             {"params": [net.bias], "weight_decay": 0.0, "lr": 2e-3}], lr=1e-3)
     seen = []
-    engine = Engine(lambda e, b: seen.append((opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"])))
-    WeightDecaySchedule(opt, 0.04, 0.4, total_iterations=5).attach(engine)
+    engine = Engine(lambda e, b: seen.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups]))
+    lr = warmup_cosine_schedule(1e-3, total_steps=5, warmup_steps=2, min_factor=0.0)
+    OptimizerSchedule(opt, lr=lr, weight_decay=cosine_schedule(0.04, 0.4, total_steps=5)).attach(engine)
     engine.run([0] * 5, max_epochs=1)
-    decayed = [round(w, 6) for w, _ in seen]
+    decayed = [round(step[0][1], 6) for step in seen]
     assert decayed[0] == 0.04 and decayed[-1] == 0.4 and decayed == sorted(decayed)
     assert decayed[2] == pytest.approx(0.22)  # the cosine's midpoint
-    assert all(b == 0.0 for _, b in seen)
-    resumed = WeightDecaySchedule(opt, 0.04, 0.4, total_iterations=5)
-    assert resumed.value(3) == pytest.approx(decayed[2]) and resumed.value(99) == pytest.approx(0.4)
+    assert all(step[1][1] == 0.0 for step in seen)
+    assert [step[0][0] for step in seen] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0.0])  # warm-up, cosine
+    assert all(step[1][0] == pytest.approx(2 * step[0][0]) for step in seen)  # the bias group keeps its ratio
     with pytest.raises(ValueError, match="weight decay"):
-        WeightDecaySchedule(opt, -0.1, 0.4, 5)
+        OptimizerSchedule(opt, weight_decay=[-0.1, 0.4])
+
+
+def test_precomputed_schedules_equal_the_per_step_rules():
+    """The arrays hold what LambdaLR with WarmupCosineFactor, ema_momentum and the temperature warm-up
+    gave per step, bit for bit (pretraining numbers unchanged), indexed by the 1-based optimizer step."""
+    factor = WarmupCosineFactor(total_iterations=12, warmup_iterations=3, min_factor=1e-3)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=8e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    lr = warmup_cosine_schedule(8e-4, 12, 3, 1e-3)
+    for iteration in range(1, 13):  # LambdaLR stepped after each iteration
+        assert value_at(lr, iteration) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    momentum = teacher_momentum_schedule(0.996, 1.0, 12)
+    assert [value_at(momentum, i) for i in range(1, 13)] == [ema_momentum(i - 1, 12) for i in range(1, 13)]
+    assert value_at(momentum, 99) == momentum[-1]
+    with pytest.raises(ValueError, match="base_momentum"):
+        teacher_momentum_schedule(0.9, 0.8, 12)
+    with pytest.raises(ValueError, match="empty"):
+        value_at([], 1)

@@ -306,7 +306,7 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     encoder_path, encoder = _export_tiny_encoder(encoder_dir)
     common = ["--dataset_dir", str(tmp_path / "data.json")]  # no network settings: they come from the model card
 
-    # train: one epoch of two crops, validation at its end -> models/model.pt with key "model"
+    # train: one epoch of two crops, validation at its end -> models/model.pt, a flat state dict
     result = _run_bundle(["train.yaml", "demo.yaml"], bundle, *common,
                          "--max_epochs", "1", "--val_interval", "1", "--batch_size", "1", "--num_samples", "1",
                          "--cache_rate", "0")
@@ -314,7 +314,7 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     n_swin = len(_tiny_unetr().swinViT.state_dict())
     assert f"loaded {n_swin} tensors, missing 0" in log  # the whole tiny swinViT came from the DAGMaN encoder
     saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
-    assert set(saved) == {"model"} and "swinViT.patch_embed.proj.weight" in saved["model"]
+    assert "swinViT.patch_embed.proj.weight" in saved and all(isinstance(v, torch.Tensor) for v in saved.values())
     assert (bundle / "runs" / "training_curves.png").stat().st_size > 0
 
     # evaluate in the images' own geometry: per-case CSV, summary and PNG
@@ -349,9 +349,9 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     verify_net_in_out("network_def", meta_file=meta, config_file=infer, device="cpu", **overrides)
     ts_path = tmp_path / "model.ts"
     ckpt_export("network_def", filepath=str(ts_path), ckpt_file=str(bundle / "models" / "model.pt"), meta_file=meta,
-                config_file=infer, key_in_ckpt="model", use_trace=True, input_shape=[1, 1, 64, 64, 32], **overrides)
+                config_file=infer, use_trace=True, input_shape=[1, 1, 64, 64, 32], **overrides)
     eager = _tiny_unetr()
-    eager.load_state_dict(saved["model"])
+    eager.load_state_dict(saved)
     eager.eval()
     scripted = torch.jit.load(str(ts_path))
     x = torch.rand(1, 1, 64, 64, 32, generator=torch.Generator().manual_seed(0))
@@ -365,10 +365,10 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
 def test_best_model_saver_writes_only_improvements(tmp_path):
     from ignite.engine import Engine
 
-    from dagman_components.segmentation import BestMetricModelSaver
+    from dagman_components.handlers import BestMetricSaver
 
     net = torch.nn.Linear(2, 1)
-    saver = BestMetricModelSaver(tmp_path / "model.pt", {"model": net}, key_metric_name="dice")
+    saver = BestMetricSaver(tmp_path / "model.pt", net, key_metric_name="dice")
     engine = Engine(lambda e, b: None)
     for value, expect_saved in ((0.3, True), (0.2, False), (float("nan"), False), (0.5, True)):
         engine.state.metrics = {"dice": value}
@@ -376,12 +376,33 @@ def test_best_model_saver_writes_only_improvements(tmp_path):
             net.weight.fill_(value)
         saver(engine)
         saved = torch.load(tmp_path / "model.pt", weights_only=True)
-        assert set(saved) == {"model"}
+        assert set(saved) == {"weight", "bias"}  # a flat state dict
         if expect_saved:  # the file holds the weights of the last improvement, not of worse epochs
-            assert saved["model"]["weight"][0, 0].item() == pytest.approx(value)
+            assert saved["weight"][0, 0].item() == pytest.approx(value)
         else:
-            assert saved["model"]["weight"][0, 0].item() == pytest.approx(0.3)
-    assert saved["model"]["weight"][0, 0].item() == pytest.approx(0.5) and saver.best == 0.5
+            assert saved["weight"][0, 0].item() == pytest.approx(0.3)
+    assert saved["weight"][0, 0].item() == pytest.approx(0.5) and saver.best == 0.5
+    # a checkpoint of a run before best_epoch was stored still resumes
+    saver.load_state_dict({"best": 0.7})
+    assert saver.best == 0.7 and saver.best_epoch == -1
+
+
+def test_best_model_saver_lower_is_better_and_missing_metric(tmp_path):
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import BestMetricSaver
+
+    net = torch.nn.Linear(2, 1)
+    saver = BestMetricSaver(tmp_path / "model.pt", net, key_metric_name="loss", greater_is_better=False)
+    engine = Engine(lambda e, b: None)
+    engine.state.metrics = {"loss": 2.0}
+    saver(engine)
+    engine.state.metrics = {"loss": 3.0}
+    saver(engine)
+    assert saver.best == 2.0 and (tmp_path / "model.pt").is_file()
+    engine.state.metrics = {"dice": 1.0}
+    with pytest.raises(KeyError, match="'loss' not in the evaluator's metrics"):
+        saver(engine)
 
 
 def test_handlers_for_rank_keeps_non_logging_handlers():

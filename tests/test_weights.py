@@ -143,6 +143,22 @@ def test_bundle_checkpoint_loader_refuses_pickled_objects_in_our_words(tmp_path)
     assert "weights_only=False" not in str(info.value)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "legacy_model_key"])
+def test_bundle_checkpoint_loader_reads_flat_and_legacy_model_files(tmp_path, nested):
+    """model.pt is a flat state dict; files of earlier releases ({"model": state_dict}) still load,
+    with the configs' load_dict {model: "@network"}."""
+    from ignite.engine import Engine
+
+    from dagman_components.handlers import WeightsOnlyCheckpointLoader
+
+    torch.manual_seed(0)
+    trained, fresh = nn.Linear(2, 2), nn.Linear(2, 2)
+    path = tmp_path / "model.pt"
+    torch.save({"model": trained.state_dict()} if nested else trained.state_dict(), path)
+    WeightsOnlyCheckpointLoader(load_path=str(path), load_dict={"model": fresh})(Engine(lambda e, b: None))
+    assert torch.equal(fresh.weight, trained.weight) and torch.equal(fresh.bias, trained.bias)
+
+
 def test_checkpoint_without_the_seed_resumes_with_a_warning(tmp_path, caplog):
     """A checkpoint written before the trainer saved its seed still resumes (not draw-for-draw)."""
     import logging

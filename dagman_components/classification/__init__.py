@@ -13,10 +13,9 @@ from __future__ import annotations
 from dagman_components.classification.attention import attention_to_voxels, save_nifti_atomic
 from dagman_components.classification.handlers import (
     AttentionOverlayWriter,
-    BestClassifierSaver,
     ClassificationReportWriter,
     ScoreCollector,
-    TrainingCurveWriter,
+    ValidationThreshold,
     load_threshold,
 )
 from dagman_components.classification.metrics import (
@@ -36,7 +35,7 @@ from dagman_components.classification.network import (
     classifier_param_groups,
     load_encoder_weights,
 )
-from dagman_components.classification.plots import plot_attention_montage, plot_roc_curves, plot_training_curves
+from dagman_components.classification.plots import plot_attention_montage, plot_roc_curves
 from dagman_components.classification.splits import (
     FEW_SHOT_FRACTIONS,
     SplitError,

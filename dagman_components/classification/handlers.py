@@ -3,13 +3,12 @@
 """Ignite handlers of the nodule classification bundle.
 
 * :class:`ScoreCollector` keeps each case's id, malignancy probability and label during an evaluator run.
-* :class:`BestClassifierSaver` stages the best model (validation AUC) with its validation-chosen
-  threshold; :meth:`BestClassifierSaver.publish` moves them to ``models/`` when training finished,
-  so a failed run never replaces the weights of an earlier one.
+* :class:`ValidationThreshold` is the ``threshold.json`` that
+  :class:`~dagman_components.handlers.BestMetricSaver` stages with the best model (validation AUC) and
+  publishes to ``models/`` when training finished, so a failed run never replaces an earlier one's files.
 * :class:`ClassificationReportWriter` writes per-case predictions (CSV) and, with labels, the AUC /
   sensitivity / specificity report with bootstrap intervals (JSON) and the ROC curve (PNG).
 * :class:`AttentionOverlayWriter` saves the [CLS]-to-patch attention of each case as NIfTI + PNG.
-* :class:`TrainingCurveWriter` draws the training loss and validation AUC per epoch (PNG + CSV).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.utils import convert_to_tensor
 
-from dagman_components.atomic import atomic_save, atomic_write_text
+from dagman_components.atomic import atomic_write_text
 from dagman_components.classification.attention import save_nifti_atomic
 from dagman_components.classification.metrics import (
     binary_report,
@@ -41,7 +39,6 @@ from dagman_components.classification.metrics import (
 from dagman_components.classification.plots import (
     plot_attention_montage,
     plot_roc_curves,
-    plot_training_curves,
 )
 from dagman_components.distributed import is_main_process
 from dagman_components.networks import unwrap
@@ -49,10 +46,9 @@ from dagman_components.weights import sha256_of
 
 __all__ = [
     "ScoreCollector",
-    "BestClassifierSaver",
+    "ValidationThreshold",
     "ClassificationReportWriter",
     "AttentionOverlayWriter",
-    "TrainingCurveWriter",
     "load_threshold",
 ]
 
@@ -113,7 +109,7 @@ class ScoreCollector:
 
 
 def load_threshold(threshold_path: str | os.PathLike, model_path: str | os.PathLike | None = None) -> dict:
-    """Read a ``threshold.json`` written by :class:`BestClassifierSaver` and check that it belongs to
+    """Read a ``threshold.json`` written by :class:`ValidationThreshold` and check that it belongs to
     ``model_path`` (same sha256).
 
     Raises:
@@ -132,74 +128,32 @@ def load_threshold(threshold_path: str | os.PathLike, model_path: str | os.PathL
     return info
 
 
-class BestClassifierSaver:
-    """After each validation, when ``metric_name`` improved, stage the network's weights and the
-    Youden threshold of this validation's scores; :meth:`publish` (the bundle's ``finalize``) moves
-    them to ``model_path`` and ``threshold_path`` once training has finished.
+class ValidationThreshold:
+    """The ``threshold.json`` written beside the best model by
+    :class:`~dagman_components.handlers.BestMetricSaver` (one of its ``companions``): the Youden
+    threshold of the validation scores that made the model the best.
 
-    ``threshold.json`` records the threshold, the validation AUC, sensitivity, specificity, epoch,
-    number of cases and the sha256 of the ``model.pt`` it belongs to.
+    It records the threshold, the validation AUC, sensitivity, specificity, epoch, number of cases and
+    the sha256 of the ``model.pt`` it belongs to.
 
     Args:
-        network: the trained network (DDP-wrapped or not).
-        collector: the :class:`ScoreCollector` attached to the same evaluator.
-        model_path: final ``model.pt``.
-        threshold_path: final ``threshold.json``.
-        metric_name: the evaluator's metric to maximise.
+        collector: the :class:`ScoreCollector` attached to the validation evaluator.
+        path: the final ``threshold.json``.
     """
 
-    def __init__(self, network: nn.Module, collector: ScoreCollector, model_path: str | os.PathLike,
-                 threshold_path: str | os.PathLike, metric_name: str = "val_auc") -> None:
-        self.network = network
+    def __init__(self, collector: ScoreCollector, path: str | os.PathLike) -> None:
         self.collector = collector
-        self.model_path = Path(model_path)
-        self.threshold_path = Path(threshold_path)
-        self.staging = self.model_path.parent / ".staging"
-        self.metric_name = metric_name
-        self.best = -float("inf")
-        self.best_epoch = -1
+        self.path = Path(path)
 
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        value = float(engine.state.metrics[self.metric_name])
-        if not is_main_process() or not value > self.best:
-            return
-        self.best, self.best_epoch = value, int(engine.state.epoch)
-        staged = self.staging / self.model_path.name
-        atomic_save(unwrap(self.network).state_dict(), staged)
+    def __call__(self, model_file: Path, metric_name: str, value: float, epoch: int) -> str:
         scores, labels = np.asarray(self.collector.scores), np.asarray(self.collector.labels)
         threshold = youden_threshold(scores, labels)
         sens, spec = sensitivity_specificity(scores, labels, threshold)
-        info = {"threshold": threshold, "rule": "Youden J on the validation split", "val_auc": value,
-                "val_sensitivity": sens, "val_specificity": spec, "epoch": self.best_epoch,
-                "n_val": int(len(labels)), "n_val_malignant": int(labels.sum()), "model_sha256": sha256_of(staged)}
-        atomic_write_text(json.dumps(info, indent=2) + "\n", self.staging / self.threshold_path.name)
-        logger.info("new best %s %.4f at epoch %d (threshold %.4f staged)", self.metric_name, value, self.best_epoch,
-                    threshold)
-
-    def publish(self) -> None:
-        """Move the staged model and threshold into place (model first). Nothing staged: log and keep
-        whatever is there."""
-        if not is_main_process():
-            return
-        staged = self.staging / self.model_path.name
-        if not staged.is_file():
-            logger.warning("no validation improved on -inf: nothing to publish, %s left as it was", self.model_path)
-            return
-        os.replace(staged, self.model_path)
-        os.replace(self.staging / self.threshold_path.name, self.threshold_path)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        logger.info("best model (epoch %d, %s %.4f) written to %s and %s", self.best_epoch, self.metric_name,
-                    self.best, self.model_path, self.threshold_path)
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        info = {"threshold": threshold, "rule": "Youden J on the validation split", metric_name: value,
+                "val_sensitivity": sens, "val_specificity": spec, "epoch": epoch,
+                "n_val": int(len(labels)), "n_val_malignant": int(labels.sum()), "model_sha256": sha256_of(model_file)}
+        logger.info("threshold %.4f chosen on the validation split of epoch %d", threshold, epoch)
+        return json.dumps(info, indent=2) + "\n"
 
 
 class ClassificationReportWriter:
@@ -326,65 +280,3 @@ class AttentionOverlayWriter:
                                    title=f"{case}: p(malignant)={prob:.3f}", n_slices=self.n_slices, mask=mask,
                                    sa_grid=[n // stride for n in array.shape],
                                    cell_mm=[round(stride * float(v), 2) for v in voxel_mm])
-
-
-class TrainingCurveWriter:
-    """Record the mean training loss per epoch and the evaluator's metric, and draw both (PNG + CSV)
-    at every epoch end. Attach it to the trainer after the ``ValidationHandler``.
-
-    Args:
-        png_path: PNG path (the CSV goes beside it).
-        evaluator: the validation evaluator.
-        metric_name: its metric to plot.
-        title: figure title.
-    """
-
-    def __init__(self, png_path: str | os.PathLike, evaluator: Engine | None = None, metric_name: str = "val_auc",
-                 title: str = "nodule classification") -> None:
-        self.png_path = Path(png_path)
-        self.evaluator = evaluator
-        self.metric_name = metric_name
-        self.title = title
-        self._sum, self._count = 0.0, 0
-        self.epochs: list[int] = []
-        self.loss: list[float] = []
-        self.val_epochs: list[int] = []
-        self.val_metric: list[float] = []
-
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self.record, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-
-    def record(self, engine: Engine) -> None:
-        out = engine.state.output
-        loss = (out[0] if isinstance(out, list) else out)["loss"]
-        self._sum += float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        self._count += 1
-
-    def write(self, engine: Engine) -> None:
-        self.epochs.append(int(engine.state.epoch))
-        self.loss.append(self._sum / max(self._count, 1))
-        self._sum, self._count = 0.0, 0
-        ev = self.evaluator
-        if ev is not None and ev.state is not None and self.metric_name in (ev.state.metrics or {}) and \
-                ev.state.epoch == engine.state.epoch:
-            self.val_epochs.append(int(engine.state.epoch))
-            self.val_metric.append(float(ev.state.metrics[self.metric_name]))
-        if not is_main_process():
-            return
-        plot_training_curves(self.epochs, self.loss, self.val_epochs, self.val_metric, self.png_path, self.title)
-        rows = ["epoch,train_loss," + self.metric_name]
-        val = dict(zip(self.val_epochs, self.val_metric))
-        rows += [f"{e},{v:.6g},{val.get(e, '')}" for e, v in zip(self.epochs, self.loss)]
-        atomic_write_text("\n".join(rows) + "\n", self.png_path.with_suffix(".csv"))
-
-    def state_dict(self) -> dict:
-        """The curves so far (at an epoch end), for a resumed run to continue them."""
-        return {"epochs": self.epochs, "loss": self.loss, "val_epochs": self.val_epochs, "val_metric": self.val_metric}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epochs, self.loss = [int(e) for e in state["epochs"]], [float(v) for v in state["loss"]]
-        self.val_epochs = [int(e) for e in state["val_epochs"]]
-        self.val_metric = [float(v) for v in state["val_metric"]]
-

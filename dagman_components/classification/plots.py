@@ -1,6 +1,6 @@
 # Copyright (c) DAGMaN components contributors.
 # Licensed under the Apache License, Version 2.0.
-"""PNG figures of the classification bundle: ROC curves, training curves and attention montages.
+"""PNG figures of the classification bundle: ROC curves and attention montages.
 Every figure is written atomically (temporary file, then rename)."""
 
 from __future__ import annotations
@@ -12,17 +12,9 @@ from typing import Any
 import numpy as np
 
 from dagman_components.atomic import atomic_write_png
+from dagman_components.handlers.curves import pyplot
 
-__all__ = ["save_png_atomic", "plot_roc_curves", "plot_training_curves", "plot_attention_montage"]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["save_png_atomic", "plot_roc_curves", "plot_attention_montage"]
 
 
 def save_png_atomic(fig: Any, path: str | os.PathLike) -> None:
@@ -34,7 +26,7 @@ def plot_roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float],
                     title: str = "ROC", points: Mapping[str, tuple[float, float]] | None = None) -> None:
     """ROC curves (one per name: ``(fpr, tpr, auc)``) with the chance diagonal, and optional operating
     points (``name -> (1 - specificity, sensitivity)``) at the chosen thresholds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     for name, (fpr, tpr, auc) in curves.items():
         line = ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.3f})")[0]
@@ -44,21 +36,6 @@ def plot_roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float],
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    save_png_atomic(fig, path)
-
-
-def plot_training_curves(epochs: Sequence[int], loss: Sequence[float], val_epochs: Sequence[int],
-                         val_auc: Sequence[float], path: str | os.PathLike, title: str = "training") -> None:
-    """Training loss per epoch and validation AUC per validation, side by side."""
-    plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
-    a.plot(epochs, loss, "-o", ms=3)
-    a.set(xlabel="epoch", ylabel="weighted cross-entropy", title=f"{title}: loss")
-    b.plot(val_epochs, val_auc, "-o", ms=3, color="C1")
-    b.set(xlabel="epoch", ylabel="AUC", ylim=(0, 1), title="validation AUC")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png_atomic(fig, path)
 

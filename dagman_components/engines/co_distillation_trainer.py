@@ -19,7 +19,7 @@ from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.schedules import linear_warmup_value
+from dagman_components.schedules import value_at
 
 __all__ = ["CoDistillationTrainer", "NonFiniteLossError", "MicroBatches", "optimizer_steps_per_epoch", "autocast_settings", "cpu_has_native_bf16"]
 
@@ -158,14 +158,18 @@ class CoDistillationTrainer(Trainer):
     the teacher outputs of all micro-batches. So k micro-batches of size b give the update of one
     batch of k*b, and every schedule (lr, teacher momentum and temperature, last-layer freezing,
     checkpoint interval) counts optimizer steps, because each is indexed by
-    ``engine.state.iteration``.
+    ``engine.state.iteration``. The schedules are precomputed arrays
+    (:mod:`dagman_components.schedules`) given to the objects that use them: the teacher temperature
+    to this trainer, the momentum to the EMA handler (and to this trainer, which logs it), the
+    learning rate and weight decay to :class:`~dagman_components.handlers.OptimizerSchedule`.
 
     The teacher's EMA update is a handler (:class:`~dagman_components.handlers.TeacherEMAHandler`).
     ``engine.state.output`` holds ``loss`` (the total) and ``scalars``: every term, lr, teacher
     temperature and momentum, masked fraction and the collapse diagnostics of
     :meth:`~dagman_components.losses.DAGMaNLoss.diagnostics` (``aitd/teacher_entropy``, ...,
-    ``satt/entropy``), for the stats, TensorBoard and curve handlers. ``engine.state.teacher_temp``
-    and ``engine.state.masked_fraction`` are set every iteration.
+    ``satt/entropy``), for the stats, TensorBoard and curve handlers. ``engine.state.teacher_temp``,
+    ``engine.state.teacher_momentum`` and ``engine.state.masked_fraction`` are set every iteration
+    (for ``StatsHandler``'s ``state_attributes``).
 
     Args:
         device: device of the networks.
@@ -178,9 +182,10 @@ class CoDistillationTrainer(Trainer):
         masking: the student's mask generator.
         patch_dropout: the teacher's patch dropout (rate 0 disables the noisy teacher).
         view_keys: batch keys of the two views.
-        teacher_temp: final teacher temperature.
-        warmup_teacher_temp: teacher temperature at the first step.
-        warmup_teacher_temp_iterations: optimizer steps of the linear temperature warm-up.
+        teacher_temp: teacher temperature per optimizer step
+            (:func:`~dagman_components.schedules.teacher_temperature_schedule`); one value: constant.
+        teacher_momentum: the EMA momentum per optimizer step that the teacher's EMA handler applies
+            (:func:`~dagman_components.schedules.teacher_momentum_schedule`), logged; ``None``: logged as NaN.
         clip_grad: max gradient norm, ``None`` or 0 for no clipping.
         freeze_last_layer_iterations: optimizer steps during which the prototype layers do not learn.
         clean_teacher_attention: take S_ATT from an extra clean teacher pass instead of the noisy one.
@@ -216,9 +221,8 @@ class CoDistillationTrainer(Trainer):
         masking: AttentionGuidedMasking,
         patch_dropout: PatchDropout,
         view_keys: Sequence[str] = ("image", "image_2"),
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_iterations: int = 0,
+        teacher_temp: Sequence[float] | float = (0.07,),
+        teacher_momentum: Sequence[float] | None = None,
         clip_grad: float | None = None,
         freeze_last_layer_iterations: int = 0,
         clean_teacher_attention: bool = False,
@@ -234,6 +238,11 @@ class CoDistillationTrainer(Trainer):
     ) -> None:
         if len(view_keys) != 2:
             raise ValueError(f"view_keys must name the two views, got {view_keys}.")
+        if isinstance(teacher_temp, (int, float)):
+            teacher_temp = (float(teacher_temp),)
+        if len(teacher_temp) == 0 or min(teacher_temp) <= 0:
+            raise ValueError("teacher_temp needs one positive temperature per optimizer step "
+                             "(dagman_components.schedules.teacher_temperature_schedule).")
         device = torch.device(device)
         use_amp, self.amp_dtype = autocast_settings(device, amp, amp_dtype)
         self.teacher_amp = use_amp or autocast_settings(device, teacher_amp, amp_dtype)[0]
@@ -257,15 +266,14 @@ class CoDistillationTrainer(Trainer):
         self.masking = masking
         self.patch_dropout = patch_dropout
         self.view_keys = tuple(view_keys)
-        self.final_teacher_temp = float(teacher_temp)
-        self.warmup_teacher_temp = float(warmup_teacher_temp)
-        self.warmup_teacher_temp_iterations = int(warmup_teacher_temp_iterations)
+        self.teacher_temp_schedule = teacher_temp
+        self.teacher_momentum_schedule = teacher_momentum
         self.clip_grad = clip_grad or None
         self.freeze_last_layer_iterations = int(freeze_last_layer_iterations)
         self.clean_teacher_attention = clean_teacher_attention
         self.compute_diagnostics = diagnostics
         self.state.teacher_temp = self.teacher_temperature(1)
-        self.state.teacher_momentum = float("nan")
+        self.state.teacher_momentum = self.teacher_momentum(1)
         self.seed = seed
         if seed is not None:
             self.state.seed = int(seed)
@@ -293,9 +301,13 @@ class CoDistillationTrainer(Trainer):
         super(Trainer, self).run()  # Workflow.run: Trainer.run would build a CUDA-only scaler
 
     def teacher_temperature(self, iteration: int) -> float:
-        """Teacher temperature of a 1-based optimizer step (constant after the warm-up)."""
-        return linear_warmup_value(iteration - 1, self.warmup_teacher_temp, self.final_teacher_temp,
-                                   self.warmup_teacher_temp_iterations)
+        """Teacher temperature of a 1-based optimizer step."""
+        return value_at(self.teacher_temp_schedule, iteration)
+
+    def teacher_momentum(self, iteration: int) -> float:
+        """EMA momentum of a 1-based optimizer step (NaN without a momentum schedule)."""
+        return float("nan") if self.teacher_momentum_schedule is None else value_at(self.teacher_momentum_schedule,
+                                                                                      iteration)
 
     def _last_layer_parameters(self) -> list[nn.Parameter]:
         return [p for head in unwrap(self.network).projection_heads() for p in head.last_layer_parameters()]
@@ -370,6 +382,7 @@ class CoDistillationTrainer(Trainer):
             engine.reseed(engine.state.iteration)
         tau_t = engine.teacher_temperature(engine.state.iteration)
         engine.state.teacher_temp = tau_t
+        engine.state.teacher_momentum = engine.teacher_momentum(engine.state.iteration)
         engine.network.train()
         engine.teacher.eval()
         engine.optimizer.zero_grad(set_to_none=True)
@@ -407,7 +420,7 @@ class CoDistillationTrainer(Trainer):
             loss=float(total),
             lr=float(engine.optimizer.param_groups[0]["lr"]),
             teacher_temp=tau_t,
-            teacher_momentum=float(getattr(engine.state, "teacher_momentum", float("nan"))),
+            teacher_momentum=engine.state.teacher_momentum,
             masked_fraction=masked,
         )
         return {Keys.LOSS: total, "scalars": scalars}

@@ -4,12 +4,20 @@ from dagman_components.handlers.collapse import CollapseAlarm
 from dagman_components.handlers.lock import TrainingLock, TrainingLockedError
 from dagman_components.handlers.checkpoint import (
     AtomicCheckpointSaver,
+    BestMetricSaver,
     CheckpointSettingsError,
     EncoderExporter,
     ResumeFromCheckpoint,
     WeightsOnlyCheckpointLoader,
 )
-from dagman_components.handlers.monitoring import DataWaitTimer, LossHistoryPlotter, LossProgressBar, plot_loss_history
-from dagman_components.handlers.weight_decay import WeightDecaySchedule
-from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_momentum, ema_update
+from dagman_components.handlers.curves import CurveHistory, CurveWriter, EpochCurveWriter
+from dagman_components.handlers.monitoring import (
+    DataWaitTimer,
+    LossHistoryPlotter,
+    LossProgressBar,
+    draw_loss_history,
+    plot_loss_history,
+)
+from dagman_components.handlers.optimizer_schedule import OptimizerSchedule
+from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_update
 from dagman_components.handlers.probe import FrozenFeatureProbe

@@ -1,11 +1,14 @@
-"""Checkpoint handlers: atomic full-state checkpoints, resume-if-present, and the released encoder."""
+"""Checkpoint handlers: atomic full-state checkpoints, resume-if-present, the best model by a validation
+metric, and the released encoder."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +19,19 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
 
+from dagman_components.atomic import atomic_save, atomic_write_text
 from dagman_components.distributed import is_main_process
 from dagman_components.errors import is_state_dict_error, summarise_state_dict_error
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.weights import (
-    atomic_save,
     export_encoder,
     is_pickled_objects_refusal,
     load_weights_only,
     pickled_objects_error,
 )
 
-__all__ = ["AtomicCheckpointSaver", "ResumeFromCheckpoint", "EncoderExporter", "CheckpointSettingsError",
-           "WeightsOnlyCheckpointLoader"]
+__all__ = ["AtomicCheckpointSaver", "BestMetricSaver", "ResumeFromCheckpoint", "EncoderExporter",
+           "CheckpointSettingsError", "WeightsOnlyCheckpointLoader"]
 
 #: Checkpoint key of the run settings written by :class:`AtomicCheckpointSaver`.
 SETTINGS_KEY = "settings"
@@ -86,6 +89,106 @@ class AtomicCheckpointSaver:
             state[SETTINGS_KEY] = self.settings
         atomic_save(state, self.save_path)
         self.logger.debug("checkpoint written: %s (iteration %d)", self.save_path, engine.state.iteration)
+
+
+class BestMetricSaver:
+    """Save the network's weights whenever the evaluator's key metric improves: the one best-model saver
+    of the downstream bundles. Attach it to the validation evaluator.
+
+    ``save_path`` holds the flat state dict of ``network`` (wrappers such as ``DistributedDataParallel``
+    removed), what ``torch.load(..., weights_only=True)``, MONAI's ``CheckpointLoader`` with
+    ``load_dict: {model: "@network"}``, ``monai.bundle.load`` and MONAI Label read. Rank 0 writes,
+    atomically (:mod:`dagman_components.atomic`). NaN values never improve.
+
+    With ``publish_at_end`` the files are staged in ``<folder of save_path>/.staging`` and moved into place
+    by :meth:`publish` (the bundle's ``finalize``), so a failed run never replaces the weights of an
+    earlier one; a resumed run finds the staged best of the killed run there (its value comes back through
+    :meth:`load_state_dict`), so no best model is lost.
+
+    Args:
+        save_path: the model file (e.g. ``models/model.pt``).
+        network: the trained network (DDP-wrapped or not).
+        key_metric_name: metric in ``engine.state.metrics``; default the engine's key metric.
+        greater_is_better: whether a larger value is better.
+        publish_at_end: stage the files and move them into place only in :meth:`publish`.
+        companions: files written with the model after each improvement, each a callable
+            ``(model_file, metric_name, value, epoch) -> text`` with a ``path`` attribute (its final
+            file); ``model_file`` is the model just written, e.g. for its sha256. Published after the model.
+    """
+
+    def __init__(
+        self,
+        save_path: str | os.PathLike,
+        network: nn.Module,
+        key_metric_name: str | None = None,
+        greater_is_better: bool = True,
+        publish_at_end: bool = False,
+        companions: Sequence[Callable[[Path, str, float, int], str]] = (),
+    ) -> None:
+        self.save_path = Path(save_path)
+        self.network = network
+        self.key_metric_name = key_metric_name
+        self.greater_is_better = greater_is_better
+        self.publish_at_end = publish_at_end
+        self.companions = list(companions)
+        self.staging = self.save_path.parent / ".staging"
+        self.best = -math.inf if greater_is_better else math.inf
+        self.best_epoch = -1
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _written_path(self, final: Path) -> Path:
+        return self.staging / final.name if self.publish_at_end else final
+
+    def _improves(self, value: float) -> bool:
+        return not math.isnan(value) and (value > self.best if self.greater_is_better else value < self.best)
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.key_metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise KeyError(f"BestMetricSaver: metric '{name}' not in the evaluator's metrics "
+                           f"{sorted(engine.state.metrics)}; set key_metric_name.")
+        value = float(engine.state.metrics[name])
+        if not self._improves(value):
+            return
+        self.best, self.best_epoch = value, int(engine.state.epoch)
+        if not is_main_process():
+            return
+        model_file = self._written_path(self.save_path)
+        atomic_save(unwrap(self.network).state_dict(), model_file)
+        for companion in self.companions:
+            atomic_write_text(companion(model_file, name, value, self.best_epoch),
+                              self._written_path(Path(companion.path)))
+        logging.getLogger(__name__).info("new best %s %.4f at epoch %d: %s %s", name, value, self.best_epoch,
+                                         "staged" if self.publish_at_end else "saved", self.save_path)
+
+    def publish(self) -> None:
+        """Move the staged model, then its companion files, into place (with ``publish_at_end``). Nothing
+        staged: log and keep whatever is there."""
+        if not self.publish_at_end or not is_main_process():
+            return
+        log = logging.getLogger(__name__)
+        staged = self._written_path(self.save_path)
+        if not staged.is_file():
+            log.warning("no validation improved on %s: nothing to publish, %s left as it was", self.best,
+                        self.save_path)
+            return
+        os.replace(staged, self.save_path)
+        for companion in self.companions:
+            os.replace(self._written_path(Path(companion.path)), companion.path)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        log.info("best model (epoch %d, %s %.4f) written to %s%s", self.best_epoch,
+                 self.key_metric_name or "key metric", self.best, self.save_path,
+                 "".join(f" and {c.path}" for c in self.companions))
+
+    def state_dict(self) -> dict:
+        """The best value so far and its epoch, for a resumed run."""
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
 
 
 class ResumeFromCheckpoint:

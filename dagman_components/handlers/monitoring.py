@@ -1,4 +1,5 @@
-"""Monitoring handlers: data-loading wait time, and the loss-curve history with its PNG."""
+"""Monitoring handlers: data-loading wait time, the pretraining loss curves (a
+:class:`~dagman_components.handlers.curves.CurveWriter`) and the loss progress bar."""
 
 from __future__ import annotations
 
@@ -7,32 +8,43 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from ignite.engine import Engine, Events
 
-from dagman_components.atomic import atomic_write_png, atomic_write_text
+from dagman_components.atomic import atomic_write_png
+from dagman_components.distributed import is_main_process
+from dagman_components.handlers.curves import CurveWriter, pyplot
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
 
-__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "plot_loss_history", "LOSS_KEYS", "DIAGNOSTIC_KEYS"]
+__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "draw_loss_history", "plot_loss_history", "LOSS_KEYS",
+           "DIAGNOSTIC_KEYS"]
 
 
 class DataWaitTimer:
-    """Measure how long each iteration waited for its batch and what share of the step that is.
-
-    Sets ``engine.state.data_wait_s`` (this iteration), ``engine.state.data_wait_share`` (wait /
-    (wait + compute), running over the epoch) and logs the epoch's share at its end, with a warning
-    above ``warn_share`` (then use a cached dataset or more workers).
+    """Measure how long each iteration waited for its batch and what share of the step that is, and log
+    both itself: the epoch's share at its end (a warning above ``warn_share``: then use a cached dataset
+    or more workers) and, with ``log_dir``, each iteration's wait as the TensorBoard scalar
+    ``data_wait_s`` (rank 0). The trainer's output is left as it is.
 
     Args:
         warn_share: share of the step time above which the epoch summary is a warning.
+        log_dir: TensorBoard folder of the per-iteration wait; ``None``: the epoch summary only.
     """
 
-    def __init__(self, warn_share: float = 0.1) -> None:
+    def __init__(self, warn_share: float = 0.1, log_dir: str | os.PathLike | None = None) -> None:
         self.warn_share = warn_share
+        self.log_dir = log_dir
         self.logger = logging.getLogger(__name__)
         self._t_get = self._t_done = 0.0
         self._wait = self._total = 0.0
+        self.last_wait_s = 0.0
+        self._writer: Any = None
+
+    @property
+    def share(self) -> float:
+        """Waiting share of the step time so far in this epoch."""
+        return self._wait / self._total if self._total > 0 else 0.0
 
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self._started, Events.GET_BATCH_STARTED):
@@ -42,6 +54,7 @@ class DataWaitTimer:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._completed)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_done)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+        engine.add_event_handler(Events.COMPLETED, self._close)
 
     def _reset(self, engine: Engine) -> None:
         self._wait = self._total = 0.0
@@ -51,21 +64,29 @@ class DataWaitTimer:
 
     def _completed(self, engine: Engine) -> None:
         self._t_done = time.perf_counter()
-        engine.state.data_wait_s = self._t_done - self._t_get
+        self.last_wait_s = self._t_done - self._t_get
 
     def _iteration_done(self, engine: Engine) -> None:
-        wait = float(getattr(engine.state, "data_wait_s", 0.0))
-        self._wait += wait
-        self._total += time.perf_counter() - self._t_done + wait
-        engine.state.data_wait_share = self._wait / self._total if self._total > 0 else 0.0
-        if isinstance(engine.state.output, dict) and isinstance(engine.state.output.get("scalars"), dict):
-            engine.state.output["scalars"]["data_wait_s"] = wait
+        self._wait += self.last_wait_s
+        self._total += time.perf_counter() - self._t_done + self.last_wait_s
+        if self.log_dir is not None and is_main_process():
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer.add_scalar("data_wait_s", self.last_wait_s, engine.state.iteration)
 
     def _report(self, engine: Engine) -> None:
-        share = float(getattr(engine.state, "data_wait_share", 0.0))
-        log = self.logger.warning if share > self.warn_share else self.logger.info
+        log = self.logger.warning if self.share > self.warn_share else self.logger.info
         log("epoch %d: data loading took %.1f%% of step time (%.2f s waiting in all)", engine.state.epoch,
-            100 * share, self._wait)
+            100 * self.share, self._wait)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _close(self, engine: Engine) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 #: The loss series the curves record by default.
@@ -121,23 +142,21 @@ def _plot_diagnostics(axes: Sequence, history: dict[str, list[float]], iteration
             ax.legend(fontsize=6, ncol=2)
 
 
-def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int], path: str | os.PathLike,
-                      title: str = "DAGMaN pretraining", num_prototypes: int | None = None) -> None:
-    """Plot the loss terms against the iteration (log axis when positive) and, when the history holds
-    collapse diagnostics, a second panel of them, to a PNG, atomically.
+def draw_loss_history(history: dict[str, list[float]], iterations: Sequence[int], title: str = "DAGMaN pretraining",
+                      num_prototypes: int | None = None) -> Any:
+    """The figure of the loss terms against the iteration (log axis when positive) and, when the history
+    holds collapse diagnostics, a second panel of them.
 
     Args:
         history: series name -> one value per iteration (NaN where not logged).
         iterations: the iterations.
-        path: the PNG.
         title: figure title.
         num_prototypes: K, for the ln K reference lines of the diagnostics panel.
+
+    Returns:
+        A matplotlib ``Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     losses = {k: v for k, v in history.items() if k.startswith("loss")}
     with_diagnostics = any(_series(history, k) is not None for k in history if "/" in k)
     if with_diagnostics:
@@ -160,17 +179,24 @@ def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write_png(fig, path)
-    plt.close(fig)
+    return fig
 
 
-class LossHistoryPlotter:
+def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int], path: str | os.PathLike,
+                      title: str = "DAGMaN pretraining", num_prototypes: int | None = None) -> None:
+    """:func:`draw_loss_history` written to the PNG ``path``, atomically."""
+    atomic_write_png(draw_loss_history(history, iterations, title, num_prototypes), path, close=True)
+
+
+class LossHistoryPlotter(CurveWriter):
     """Record the total loss, each term and the collapse diagnostics every iteration and draw them as
     a PNG (loss curves, then a panel of diagnostics) when training completes, and at each epoch end
-    and every ``plot_interval`` iterations, so a long run shows its progress.
+    and every ``plot_interval`` iterations, so a long run shows its progress: the pretraining bundle's
+    :class:`~dagman_components.handlers.curves.CurveWriter`.
 
     It has ``state_dict`` / ``load_state_dict``: put it in the checkpoint and a resumed run's curve
-    continues the killed run's. A CSV of the numbers is written next to the PNG.
+    continues the killed run's. A CSV of the numbers (``iteration`` and one column per key) is written
+    next to the PNG.
 
     Args:
         png_path: where the PNG goes.
@@ -179,49 +205,38 @@ class LossHistoryPlotter:
         plot_interval: iterations between redraws (0: epoch ends and completion only).
     """
 
+    x_name = "iteration"
+
     def __init__(self, png_path: str | os.PathLike, keys: Sequence[str] = LOSS_KEYS + DIAGNOSTIC_KEYS,
                  num_prototypes: int | None = None, plot_interval: int = 0) -> None:
-        self.png_path = Path(png_path)
+        super().__init__(png_path, plot_interval=plot_interval)
         self.keys = list(keys)
         self.num_prototypes = num_prototypes
-        self.plot_interval = int(plot_interval)
-        self.iterations: list[int] = []
-        self.history: dict[str, list[float]] = {k: [] for k in self.keys}
-
-    def attach(self, engine: Engine) -> None:
-        if engine.has_event_handler(self.record, Events.ITERATION_COMPLETED):
-            return
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-        if self.plot_interval:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.plot_interval), self.write)
 
     def record(self, engine: Engine) -> None:
         scalars = engine.state.output.get("scalars", {}) if isinstance(engine.state.output, dict) else {}
-        self.iterations.append(int(engine.state.iteration))
         for k in self.keys:
-            self.history[k].append(float(scalars.get(k, float("nan"))))
+            self.history.add(k, engine.state.iteration, float(scalars.get(k, float("nan"))))
 
-    def write(self, engine: Engine | None = None) -> None:
-        from dagman_components.distributed import is_main_process
+    def columns(self) -> list[str]:
+        return self.keys
 
-        if not self.iterations or not is_main_process():
-            return
-        plot_loss_history(self.history, self.iterations, self.png_path, num_prototypes=self.num_prototypes)
-        rows = ["iteration," + ",".join(self.keys)]
-        rows += [",".join([str(i)] + [f"{self.history[k][n]:.6g}" for k in self.keys]) for n, i in enumerate(self.iterations)]
-        atomic_write_text("\n".join(rows) + "\n", self.png_path.with_suffix(".csv"))
-
-    def state_dict(self) -> dict:
-        return {"iterations": list(self.iterations), "history": {k: list(v) for k, v in self.history.items()}}
+    def draw(self, plt: Any) -> Any:
+        iterations = self.history.xs(self.keys[0])
+        return draw_loss_history({k: self.history.values(k) for k in self.keys}, iterations,
+                                 num_prototypes=self.num_prototypes)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore; series the checkpoint lacks (written by an older version) are NaN-filled."""
-        self.iterations = [int(i) for i in state["iterations"]]
-        n = len(self.iterations)
-        stored = state["history"]
-        self.history = {k: [float(x) for x in stored[k]] if k in stored else [float("nan")] * n for k in self.keys}
+        """Restore; series the checkpoint lacks (written by an older version) are NaN-filled, and the
+        older layout (``iterations`` and ``history``) is read too."""
+        if "iterations" in state:  # before the shared CurveHistory
+            its = [int(i) for i in state["iterations"]]
+            state = {"x_name": self.x_name, "series": {k: (its, v) for k, v in state["history"].items()}}
+        super().load_state_dict(state)
+        iterations = max((self.history.xs(k) for k in self.history.series), key=len, default=[])
+        for k in self.keys:
+            if k not in self.history.series:
+                self.history.series[k] = (list(iterations), [float("nan")] * len(iterations))
 
 
 class LossProgressBar:

@@ -24,11 +24,8 @@ from .encoder_init import (
     swin_unetr_encoder_settings,
 )
 from .handlers import (
-    CurveHistory,
-    BestMetricModelSaver,
     FinalValidationHandler,
     MetricDetailsPlotter,
-    SegmentationCurvePlotter,
     SegmentationProgressBar,
     handlers_for_rank,
 )
@@ -41,12 +38,9 @@ __all__ = [
     "FOLDER_PAIRS",
     "PRETRAINING_ONLY_PREFIXES",
     "SWIN_UNETR_ENCODER_PREFIX",
-    "BestMetricModelSaver",
     "FinalValidationHandler",
     "HideKeyPrefixedItemsd",
     "MetricDetailsPlotter",
-    "SegmentationCurvePlotter",
-    "CurveHistory",
     "SegmentationPostprocessd",
     "SegmentationProgressBar",
     "build_segmentation_datalist",
