@@ -12,9 +12,7 @@ import tempfile
 import unittest
 
 import pytest
-import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
-from zoo_utils import check_workflow, copy_bundle, write_ct
+from zoo_utils import copy_bundle, run_inference, save_network_weights, write_ct
 
 NAME = "dagman_lung_nodule_ct_classification"
 TINY = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 4}  # no model card beside
@@ -30,28 +28,14 @@ class TestDAGMaNNoduleClassification(unittest.TestCase):
         self.infer_source = os.path.join(self.root, "crops")
         os.makedirs(self.infer_source)
         write_ct(self.infer_source, count=3, shape=(32, 32, 32), spacing=1.0)  # nodule-centred crops, 1 mm
-        parser = ConfigParser()
-        parser.read_config(os.path.join(self.bundle_root, "configs", "inference.json"))
-        parser.update({"bundle_root": self.bundle_root, **TINY})
-        torch.save(parser.get_parsed_content("network_def").state_dict(),
-                   os.path.join(self.bundle_root, "models", "model.pt"))
+        save_network_weights(self.bundle_root, **TINY)
 
     def tearDown(self):
         shutil.rmtree(self.root)
 
     def test_infer_config(self):
         output_dir = os.path.join(self.root, "eval")
-        inferrer = ConfigWorkflow(
-            workflow_type="infer",
-            config_file=os.path.join(self.bundle_root, "configs", "inference.json"),
-            logging_file=os.path.join(self.bundle_root, "configs", "logging.conf"),
-            meta_file=os.path.join(self.bundle_root, "configs", "metadata.json"),
-            bundle_root=self.bundle_root,
-            infer_source=self.infer_source,
-            output_dir=output_dir,
-            **TEST_CASE_INFER,
-        )
-        check_workflow(inferrer, check_properties=True)
+        run_inference(self.bundle_root, infer_source=self.infer_source, output_dir=output_dir, **TEST_CASE_INFER)
         with open(os.path.join(output_dir, "inference", "inference_predictions.csv"), newline="") as f:
             rows = list(csv.DictReader(f))
         self.assertEqual(sorted(r["id"] for r in rows), ["image_0", "image_1", "image_2"])

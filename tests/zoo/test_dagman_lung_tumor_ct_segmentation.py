@@ -10,9 +10,7 @@ import unittest
 
 import nibabel as nib
 import pytest
-import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
-from zoo_utils import check_workflow, copy_bundle, write_ct
+from zoo_utils import copy_bundle, run_inference, save_network_weights, write_ct
 
 NAME = "dagman_lung_tumor_ct_segmentation"
 TINY = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3]}  # no model card beside: explicit settings
@@ -28,28 +26,14 @@ class TestDAGMaNLungTumorSegmentation(unittest.TestCase):
         self.dataset_dir = os.path.join(self.root, "data")
         os.makedirs(self.dataset_dir)
         self.images = write_ct(self.dataset_dir, count=2, shape=(40, 36, 20), spacing=0.7)
-        parser = ConfigParser()  # weights of the tiny network, saved as the zoo's CI makes them (flat state dict)
-        parser.read_config(os.path.join(self.bundle_root, "configs", "inference.json"))
-        parser.update({"bundle_root": self.bundle_root, **TINY})
-        torch.save(parser.get_parsed_content("network_def").state_dict(),
-                   os.path.join(self.bundle_root, "models", "model.pt"))
+        save_network_weights(self.bundle_root, **TINY)
 
     def tearDown(self):
         shutil.rmtree(self.root)
 
     def test_infer_config(self):
         output_dir = os.path.join(self.root, "eval")
-        inferrer = ConfigWorkflow(
-            workflow_type="infer",
-            config_file=os.path.join(self.bundle_root, "configs", "inference.json"),
-            logging_file=os.path.join(self.bundle_root, "configs", "logging.conf"),
-            meta_file=os.path.join(self.bundle_root, "configs", "metadata.json"),
-            bundle_root=self.bundle_root,
-            dataset_dir=self.dataset_dir,
-            output_dir=output_dir,
-            **TEST_CASE_INFER,
-        )
-        check_workflow(inferrer, check_properties=True)
+        run_inference(self.bundle_root, dataset_dir=self.dataset_dir, output_dir=output_dir, **TEST_CASE_INFER)
         masks = sorted(glob.glob(os.path.join(output_dir, "*_seg.nii.gz")))
         self.assertEqual(len(masks), 2)
         for image, mask in zip(self.images, masks):

@@ -10,8 +10,7 @@ import unittest
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
-from zoo_utils import check_workflow, copy_bundle
+from zoo_utils import copy_bundle, run_inference
 
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.weights import export_encoder
@@ -35,15 +34,7 @@ class TestDAGMaNOrganClustering(unittest.TestCase):
         shutil.rmtree(self.root)
 
     def test_infer_config(self):  # on the organ crops shipped in sample_data/
-        inferrer = ConfigWorkflow(
-            workflow_type="infer",
-            config_file=os.path.join(self.bundle_root, "configs", "inference.json"),
-            logging_file=os.path.join(self.bundle_root, "configs", "logging.conf"),
-            meta_file=os.path.join(self.bundle_root, "configs", "metadata.json"),
-            bundle_root=self.bundle_root,
-            **TEST_CASE_INFER,
-        )
-        check_workflow(inferrer, check_properties=True)
+        run_inference(self.bundle_root, **TEST_CASE_INFER)
         out = os.path.join(self.bundle_root, "eval", "pretrained_global")
         metrics = json.loads(open(os.path.join(out, "clustering_metrics.json")).read())
         self.assertEqual(metrics["encoder"]["feature_dim"], 12 * 16)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from monai.bundle import ConfigWorkflow
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,30 @@ def check_workflow(workflow: ConfigWorkflow, check_properties: bool = False) -> 
             raise ValueError(f"check properties for workflow failed: {check_result}")
     workflow.run()
     workflow.finalize()
+
+
+def run_inference(bundle_root: str | os.PathLike, **overrides) -> None:
+    """The bundle's ``configs/inference.json`` as the zoo runs it: a ``ConfigWorkflow`` of type ``infer``
+    with the bundle's logging and metadata files, its properties checked, then run."""
+    configs = os.path.join(bundle_root, "configs")
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=os.path.join(configs, "inference.json"),
+        logging_file=os.path.join(configs, "logging.conf"),
+        meta_file=os.path.join(configs, "metadata.json"),
+        bundle_root=str(bundle_root),
+        **overrides,
+    )
+    check_workflow(workflow, check_properties=True)
+
+
+def save_network_weights(bundle_root: str | os.PathLike, **overrides) -> None:
+    """``models/model.pt`` of the inference config's ``network_def`` built with ``overrides``, as the zoo's CI
+    makes weights (a flat state dict)."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), **overrides})
+    torch.save(parser.get_parsed_content("network_def").state_dict(), os.path.join(bundle_root, "models", "model.pt"))
 
 
 def copy_bundle(name: str, root: str | os.PathLike) -> Path:
