@@ -165,17 +165,20 @@ def _check_mask(mask: nib.Nifti1Image, image_id: str) -> None:
     image = nib.load(str(SAMPLE / "image" / f"{image_id}.nii.gz"))
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
-    assert mask.get_data_dtype() == np.uint8  # SaveImaged's output_dtype in inference.yaml
+    assert mask.get_data_dtype() == np.uint8  # inference.yaml's CastToTyped (MONAI Label drops SaveImaged)
     assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
 
 
 def _train(server: _Server, timeout_s: float) -> dict:
+    """POST /train/<model>, then GET /train/ until this task (by its id) has finished; its status."""
     r = requests.post(f"{server.url}/train/{MODEL}", json=TRAIN_REQUEST, timeout=30)
     assert r.status_code == 200, f"{r.status_code} {r.text[:2000]}"
+    task_id = r.json()["id"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = requests.get(f"{server.url}/train/", timeout=10).json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+        tasks = requests.get(f"{server.url}/train/", params={"all": "true"}, timeout=10).json()
+        status = next(t for t in tasks if t["id"] == task_id)
+        if status["status"] not in ("SUBMITTED", "RUNNING"):
             return status
         time.sleep(2)
     pytest.fail(f"training did not finish within {timeout_s} s:\n{server.log_tail()}")
@@ -185,8 +188,8 @@ def test_info_lists_the_bundle(server):
     assert MODEL in server.info["models"]
     assert server.info["models"][MODEL]["labels"] == {"tumour": 1}
     assert MODEL in server.info["trainers"]
-    assert {d["id"] if isinstance(d, dict) else d for d in requests.get(f"{server.url}/datastore/?output=all",
-                                                                         timeout=10).json()["objects"]} >= set(STUDIES)
+    objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=10).json()["objects"]
+    assert set(STUDIES) <= set(objects)  # image ids: the file names without extension
 
 
 def test_infer_train_infer(server):
@@ -206,7 +209,6 @@ def test_infer_train_infer(server):
     _check_mask(_infer(server, STUDIES[1]), STUDIES[1])
     new_log = server.log.read_text(errors="replace")[len(log_before):]
     assert "Reload model" in new_log  # MONAI Label noticed the newer model.pt and infers with the trained model
-
 
 
 def test_training_without_pretraining_weights_says_what_is_missing(server):
