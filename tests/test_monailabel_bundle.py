@@ -68,6 +68,7 @@ def test_monailabel_bundle_inference_keeps_input_geometry(app_models, tmp_path):
     image, mask = nib.load(str(image_path)), nib.load(label_file)
     assert mask.shape == image.shape
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+    assert mask.get_data_dtype() == np.uint8  # MONAI Label drops SaveImaged: inference.yaml casts pred itself
     assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
 
 
