@@ -3,7 +3,7 @@
 The YAML files are the one source (they carry the comments); ``monai.bundle.load`` reads only
 ``configs/<workflow_type>.json``, so each bundle also ships ``inference.json``: the content of its
 inference YAML merged as ``monai.bundle run`` merges a list of config files (for the classification
-bundle, ``inference.yaml`` onto ``train.yaml``, the command its README gives). ``--check`` fails when a
+bundle, ``infer.yaml`` onto ``train.yaml``: its inference config). ``--check`` fails when a
 shipped JSON differs from what its YAML gives (the test suite runs it).
 
 Usage (from any working directory)::
@@ -26,7 +26,7 @@ BUNDLES = REPO / "bundles"
 #: The JSON configs each bundle ships, and the YAML files (in ``configs/``) each is merged from, in order.
 DEFAULT_SOURCES: dict[str, list[str]] = {"inference.json": ["inference.yaml"]}
 SOURCES: dict[str, dict[str, list[str]]] = {
-    "dagman_lung_nodule_ct_classification": {"inference.json": ["train.yaml", "inference.yaml"]},
+    "dagman_lung_nodule_ct_classification": {"inference.json": ["train.yaml", "infer.yaml"]},
 }
 
 

@@ -293,7 +293,7 @@ def test_segmentation_label_that_does_not_fit_its_image(tmp_path, case):
 
 
 @pytest.mark.parametrize("source, configs", [
-    (CLASSIFY, ["train.yaml"]), (CLASSIFY, ["train.yaml", "inference.yaml"]),
+    (CLASSIFY, ["train.yaml"]), (CLASSIFY, ["train.yaml", "infer.yaml"]),
     (SEGMENT, ["train.yaml"]), (SEGMENT, ["inference.yaml"]), (CLUSTER, ["inference.yaml"]),
 ])
 def test_roi_size_not_divisible_by_32(tmp_path, source, configs):

@@ -116,7 +116,7 @@ def test_downstream_configs_take_the_demo_card_without_flags(demo_weights):
     root = demo_weights.parents[2]
     cls_train = _parser("dagman_lung_nodule_ct_classification", ["train.yaml"], root).get_parsed_content("network_def")
     assert cls_train.encoder.embed_dim == 24 and cls_train.encoder.sa_dim == 24 * 8
-    cls_infer = _parser("dagman_lung_nodule_ct_classification", ["train.yaml", "inference.yaml"], root)
+    cls_infer = _parser("dagman_lung_nodule_ct_classification", ["train.yaml", "infer.yaml"], root)
     assert cls_infer.get_parsed_content("network_def").encoder.embed_dim == 24
     seg = "dagman_lung_tumor_ct_segmentation"
     for configs in (["train.yaml", "demo.yaml"], ["inference.yaml"]):
@@ -143,7 +143,7 @@ def test_downstream_contradicting_setting_names_both_values_and_the_card(demo_we
 @pytest.mark.parametrize(
     "bundle, configs, key",
     [
-        ("dagman_lung_nodule_ct_classification", ["train.yaml", "inference.yaml"], "model_path"),
+        ("dagman_lung_nodule_ct_classification", ["train.yaml", "infer.yaml"], "model_path"),
         ("dagman_lung_tumor_ct_segmentation", ["inference.yaml"], "ckpt_path"),
     ],
 )

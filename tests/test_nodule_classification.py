@@ -394,7 +394,7 @@ def test_train_then_evaluate(trained_bundle):
 @pytest.mark.slow
 def test_inference_writes_probabilities_and_attention(trained_bundle, tmp_path):
     pd.read_csv(CSV).head(2).drop(columns=["Malignancy_value"]).to_csv(tmp_path / "new.csv", index=False)
-    _run(trained_bundle, ["train.yaml", "inference.yaml"], infer_source=str(tmp_path / "new.csv"),
+    _run(trained_bundle, ["train.yaml", "infer.yaml"], infer_source=str(tmp_path / "new.csv"),
          infer_image_dir=str(IMAGES), infer_dir=str(tmp_path / "out"))
     pred = pd.read_csv(tmp_path / "out" / "inference_predictions.csv")
     assert pred.id.tolist() == ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0003_R_2"] and pred.label.isna().all()
@@ -410,7 +410,7 @@ def test_inference_writes_probabilities_and_attention(trained_bundle, tmp_path):
 def test_verify_net_in_out_and_traced_export_equals_eager(trained_bundle):
     from monai.bundle import ckpt_export, verify_net_in_out
 
-    configs = [str(trained_bundle / "configs" / c) for c in ("train.yaml", "inference.yaml")]
+    configs = [str(trained_bundle / "configs" / c) for c in ("train.yaml", "infer.yaml")]
     overrides = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 4,
                  "bundle_root": str(trained_bundle)}
     meta = str(trained_bundle / "configs" / "metadata.json")

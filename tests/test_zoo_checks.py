@@ -37,11 +37,7 @@ TORCHSCRIPT_EXCLUDED = set(NAMES)
 #: bundle's default data ship with it.
 NEEDS_CT = {"dagman_ct_pretraining", "dagman_lung_tumor_ct_segmentation"}
 #: Known failures, with the reason; the test fails when one starts passing (strict).
-KNOWN_FAILURES = {
-    ("dagman_lung_nodule_ct_classification", check): "the zoo picks configs/inference.yaml, which only works merged "
-    "onto train.yaml (KeyError 'validate'); the merged configs/inference.json is standalone but comes first"
-    for check in ("properties", "data_shape", "torchscript")
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(scope="module")

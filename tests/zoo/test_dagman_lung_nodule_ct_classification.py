@@ -1,6 +1,6 @@
 """Zoo-style unit test of dagman_lung_nodule_ct_classification (after the model zoo's ci/unit_tests).
 
-The zoo's unit tests read configs/inference.json: here, inference.yaml merged onto train.yaml, which runs alone.
+The zoo's unit tests read configs/inference.json: train.yaml + infer.yaml, merged by scripts/export_json_configs.py; it runs alone.
 """
 
 from __future__ import annotations
