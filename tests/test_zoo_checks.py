@@ -33,9 +33,10 @@ ZOO_CARD = {"network": {"class": "dagman_components.networks.SwinDAGMaN", "in_ch
             "preprocessing": {"orientation": "RAS", "spacing_mm": [2.0, 2.0, 2.0], "hu_window": [-175.0, 250.0]}}
 #: Bundles the zoo's TorchScript check skips (MONAI's Swin cannot be scripted); a traced export is tested.
 TORCHSCRIPT_EXCLUDED = set(NAMES)
-#: Bundles whose inference dataset reads CT from dataset_dir (the properties check parses it); the clustering
-#: bundle's default data ship with it.
-NEEDS_CT = {"dagman_ct_pretraining", "dagman_lung_tumor_ct_segmentation"}
+#: The key under which each bundle's inference dataset reads its input folder (the properties check parses the
+#: dataset): given a folder of test CT; the clustering bundle's default data ship with it.
+INPUT_KEYS = {"dagman_ct_pretraining": "dataset_dir", "dagman_lung_tumor_ct_segmentation": "dataset_dir",
+              "dagman_lung_nodule_ct_classification": "infer_source"}
 #: Known failures, with the reason; the test fails when one starts passing (strict).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
@@ -53,7 +54,7 @@ def zoo(tmp_path_factory):
     for name, bundle in bundles.items():
         (bundle / "eval").mkdir(exist_ok=True)
         shutil.copy(SCHEMA, bundle / "eval" / "schema.json")
-        overrides = {"dataset_dir": str(ct)} if name in NEEDS_CT else {}
+        overrides = {INPUT_KEYS[name]: str(ct)} if name in INPUT_KEYS else {}
         results[name] = run_zoo_checks(bundle, bundle / "eval" / "schema.json", overrides=overrides,
                                        traced_torchscript=name in TORCHSCRIPT_EXCLUDED)
     return bundles, results
