@@ -44,6 +44,9 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,6 +79,7 @@ INFERENCE_CONFIGS = tuple(f"configs/inference{suffix}" for suffix in CONFIG_SUFF
 LARGE_FILES_NAMES = ("large_files.yml", "large_files.yaml", "large_files.json")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what monai.apps.utils.check_hash accepts
 KEEP_MODELS = ("model.pt", "model.ts")
+WHEELS_DIR = "wheels"  # the zip's folder for the dagman_components wheel (package_bundle(with_wheel=True))
 MODEL_CARD_NAME = "model_card.json"  # dagman_components.encoder_io.MODEL_CARD_NAME (not imported: it pulls in torch)
 EXCLUDED_ROOT_DIRS = frozenset({"eval", "runs", "logs", "log", "mlruns"})
 EXCLUDED_DIRS = frozenset({"__pycache__"})
@@ -319,6 +323,36 @@ def _zip_info(arcname: str) -> zipfile.ZipInfo:
     return info
 
 
+def build_components_wheel(out_dir: str | os.PathLike) -> Path:
+    """Build the wheel of ``dagman_components`` from the project it is installed from.
+
+    The wheel's version is the one ``setup.cfg`` gives, which the bundles' metadata pins under
+    ``required_packages_version``.
+
+    Args:
+        out_dir: an existing folder for the wheel.
+
+    Returns:
+        The path of ``dagman_components-<version>-py3-none-any.whl``.
+
+    Raises:
+        FileNotFoundError: when the package was not installed from its source tree (no ``setup.cfg``
+            beside it): install this repository with ``pip install -e .`` first.
+        RuntimeError: when ``pip wheel`` fails; the message holds the end of its output.
+    """
+    project = Path(__file__).resolve().parents[1]
+    if not (project / "setup.cfg").is_file():
+        raise FileNotFoundError(f"no setup.cfg in {project}: the wheel of dagman_components is built from its "
+                                "source tree; run this from a checkout installed with `pip install -e .`.")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                           "--wheel-dir", str(out_dir), str(project)], capture_output=True, text=True)
+    wheels = sorted(Path(out_dir).glob("dagman_components-*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        raise RuntimeError(f"building the dagman_components wheel failed (exit {done.returncode}):\n"
+                           f"{(done.stdout + done.stderr)[-2000:]}")
+    return wheels[0]
+
+
 def package_bundle(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -329,6 +363,7 @@ def package_bundle(
     keep_models: Sequence[str] = KEEP_MODELS,
     schema_path: str | os.PathLike | None = None,
     large_file_urls: Mapping[str, str] | None = None,
+    with_wheel: bool = False,
 ) -> Path:
     """Check a bundle, then write ``<out_dir>/<bundle_name>_v<version>.zip``.
 
@@ -348,6 +383,9 @@ def package_bundle(
         large_file_urls: download url of each file left out, by its path in the bundle
             (``{"models/model.pt": "https://..."}``); without one, the url of the bundle's own
             ``large_files.*`` entry is kept while the file's hash matches.
+        with_wheel: also ship the wheel of ``dagman_components`` (:func:`build_components_wheel`) as
+            ``<bundle_name>/wheels/<wheel>``, so that the unzipped bundle installs on a machine without
+            this repository (``pip install <bundle_name>/wheels/*.whl``).
 
     Returns:
         the path of the zip.
@@ -390,6 +428,8 @@ def package_bundle(
     large_yaml = yaml.safe_dump({"large_files": list(listed.values())}, sort_keys=False).encode() if large else None
 
     out.mkdir(parents=True, exist_ok=True)
+    wheel_dir = tempfile.TemporaryDirectory(prefix="dagman_wheel_") if with_wheel else None
+    wheel = build_components_wheel(wheel_dir.name) if wheel_dir is not None else None
 
     def write_zip(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
@@ -399,8 +439,14 @@ def package_bundle(
                     shutil.copyfileobj(src, dst, _CHUNK)
             if large_yaml is not None:
                 zf.writestr(_zip_info(f"{name}/large_files.yml"), large_yaml)
+            if wheel is not None:
+                zf.writestr(_zip_info(f"{name}/{WHEELS_DIR}/{wheel.name}"), wheel.read_bytes())
 
-    replace_atomically(zip_path, write_zip, suffix=".zip")
+    try:
+        replace_atomically(zip_path, write_zip, suffix=".zip")
+    finally:
+        if wheel_dir is not None:
+            wheel_dir.cleanup()
     if large_yaml is not None:
         atomic_write_bytes(large_yaml, sidecar)
     else:

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         help="download url of a file over --max-file-mb (repeatable); one left without a url stops the packaging",
     )
     parser.add_argument("--schema", type=Path, default=None, help="metadata schema (default: the repository copy)")
+    parser.add_argument(
+        "--with-wheel",
+        action="store_true",
+        help="ship the dagman_components wheel in <bundle>/wheels/ (pip install it where this repository is absent)",
+    )
     args = parser.parse_args(argv)
     if not args.max_file_mb > 0:
         parser.error(f"--max-file-mb must be positive, got {args.max_file_mb}")
@@ -73,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             require_weights=require_weights,
             schema_path=args.schema,
             large_file_urls=urls,
+            with_wheel=args.with_wheel,
         )
     except bundle_tools.BundleCheckError as e:
         print(f"{args.bundle_dir}: {len(e.problems)} problem(s)", file=sys.stderr)
         for problem in e.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    except (FileExistsError, bundle_tools.LargeFileUrlError) as e:
+    except (FileExistsError, FileNotFoundError, RuntimeError, bundle_tools.LargeFileUrlError) as e:
         print(e, file=sys.stderr)
         return 1
     print(zip_path)

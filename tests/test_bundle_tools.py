@@ -333,3 +333,42 @@ def test_real_bundle_metadata_passes_monai_verify_metadata(bundle_dir, tmp_path)
 def test_real_bundle_passes_check(bundle_dir):
     # weights are never committed: a training run (or large_files.yml) provides models/model.pt
     assert check_bundle(bundle_dir, require_weights=False) == []
+
+
+@pytest.mark.slow
+def test_zip_with_the_wheel_runs_its_inference_where_the_repository_is_absent(tmp_path):
+    """package_bundle(with_wheel=True): unzip into an empty folder, ``pip install`` the shipped wheel (into a
+    target folder here), run the inference config from there with that install and no checkout on the path."""
+    import os
+
+    import numpy as np
+
+    from dagman_components.networks import SwinDAGMaN
+    from dagman_components.weights import export_encoder
+
+    tiny = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3], "sa_heads": 4}
+    bundle = tmp_path / "dagman_ct_pretraining"
+    shutil.copytree(REPO / "bundles" / bundle.name, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    (bundle / "models").mkdir()
+    export_encoder(SwinDAGMaN(**tiny), bundle / "models" / "model.pt",
+                   {"network": {"class": "dagman_components.networks.SwinDAGMaN", **tiny}})
+    zip_path = package_bundle(bundle, tmp_path / "dist", with_wheel=True)
+    alone, site = tmp_path / "alone", tmp_path / "site"
+    with zipfile.ZipFile(zip_path) as zf:
+        (wheel,) = [n for n in zf.namelist() if n.startswith(f"{bundle.name}/wheels/") and n.endswith(".whl")]
+        zf.extractall(alone)
+    assert Path(wheel).name.startswith("dagman_components-0.1.0-")  # the version the metadata pins
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
+                    str(alone / wheel)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site), "DAGMAN_PROGRESS": "0"}
+    where = subprocess.run([sys.executable, "-c", "import dagman_components; print(dagman_components.__file__)"],
+                           cwd=alone, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(site), where  # the wheel's copy, not this checkout
+    ct = f"{bundle.name}/sample_data/totalseg_example/example_ct_sm.nii.gz"
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           f"{bundle.name}/configs/inference.json", "--bundle_root", bundle.name, "--dataset_dir", ct,
+                           "--output_dir", "features", "--device", "cpu"],
+                          cwd=alone, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with np.load(alone / "features" / "features.npz") as features:
+        assert features["cls"].shape == (1, 12 * 8) and np.isfinite(features["cls"]).all()
