@@ -44,7 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained_path", required=True, help="DAGMaN encoder weights (model.pt beside model_card.json)")
     p.add_argument("--work_dir", type=Path, required=True, help="one bundle_root per run is made here")
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="pairs of runs (uncached, cached)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of runs, one per arm each")
+    p.add_argument("--arms", nargs="+", default=["uncached", "cached"], choices=("uncached", "cached"),
+                   help="the arms of each round, in order")
     p.add_argument("--n_boot", type=int, default=200, help="bootstrap resamples of the test report")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="further train.yaml overrides (YAML values), e.g. augment=false max_epochs=30")
@@ -60,13 +62,14 @@ def run_configs(files: Sequence[str], overrides: dict[str, Any]) -> None:
         parser.get_parsed_content(section)
 
 
-def run_fold(overrides: dict[str, Any], bundle_root: Path, n_boot: int) -> dict[str, Any]:
-    """Train then evaluate one fold in ``bundle_root``; returns the seconds of training and both AUCs."""
+def run_fold(overrides: dict[str, Any], cached: bool, bundle_root: Path, n_boot: int) -> dict[str, Any]:
+    """Train (with or without cached features) then evaluate one fold in ``bundle_root``; returns the seconds
+    of training and both AUCs."""
     overrides = {**overrides, "bundle_root": str(bundle_root), "ckpt_dir": str(bundle_root / "models"),
                  "output_dir": str(bundle_root / "eval")}
     (bundle_root / "models").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_configs(["train.yaml"], overrides)
+    run_configs(["train.yaml"], {**overrides, "cache_features": cached})
     train_seconds = time.perf_counter() - t0
     run_configs(["train.yaml", "evaluate.yaml"], {**overrides, "n_boot": n_boot})
     threshold = json.loads((bundle_root / "models" / "threshold.json").read_text())
@@ -87,17 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     runs: dict[str, list[dict[str, Any]]] = {"uncached": [], "cached": []}
     for r in range(args.repeats):
-        for arm in ("uncached", "cached"):
+        for arm in args.arms:
             root = args.work_dir / f"{arm}_{r}"
             if root.exists():
                 raise SystemExit(f"{root} exists: give an empty --work_dir (each run needs a fresh bundle_root).")
-            run = run_fold({**overrides, "cache_features": arm == "cached"}, root, args.n_boot)
+            run = run_fold(overrides, arm == "cached", root, args.n_boot)
             logger.info("%s %d: %.1f s, val AUC %.3f, test AUC %.3f", arm, r, run["train_seconds"], run["val_auc"],
                         run["test_auc"])
             runs[arm].append(run)
     ratios = [u["train_seconds"] / c["train_seconds"] for u, c in zip(runs["uncached"], runs["cached"])]
     result = {"overrides": {k: v for k, v in overrides.items() if k != "dataset_dir"}, "runs": runs,
-              "speedup_median": round(statistics.median(ratios), 2), "speedups": [round(x, 2) for x in ratios]}
+              "speedup_median": round(statistics.median(ratios), 2) if ratios else None,
+              "speedups": [round(x, 2) for x in ratios]}
     print(json.dumps(result))
     return 0
 
