@@ -152,29 +152,27 @@ class FrozenFeatureDataset(Dataset):
         self.views = int(views)
         self.image_key = image_key
         source = SeededItems(dataset) if self.views > 1 else dataset
-        n = len(dataset)
+        n, step = len(dataset), max(1, int(batch_size))
         t0 = time.perf_counter()
         self.items: list[dict[str, Any]] = []
         features = []
         for v in range(self.views):
-            images: list[torch.Tensor] = []
-
-            def load(i: int, v: int = v) -> dict[str, Any]:
-                return source[(i, derive_seed(seed, v, i))] if self.views > 1 else source[i]
-
-            def batches(v: int = v, images: list[torch.Tensor] = images) -> Iterator[torch.Tensor]:
-                for start in range(0, n, int(batch_size)):
-                    chunk = [load(i) for i in range(start, min(n, start + int(batch_size)))]
-                    if v == 0:
-                        self.items.extend({k: x for k, x in item.items() if k != image_key} for item in chunk)
-                    yield torch.stack([torch.as_tensor(item[image_key]) for item in chunk])
-
             label = description if self.views == 1 else f"{description} (view {v + 1}/{self.views})"
-            total = -(-n // int(batch_size))
-            features.append(frozen_features(encoder, batches(), [str(token)], device, label, total)[str(token)])
+            batches = self._view_batches(source, v, n, step, seed)
+            features.append(frozen_features(encoder, batches, [str(token)], device, label, -(-n // step))[str(token)])
         self.features = torch.stack(features)  # (views, N, C)
         logger.info("%s: %d items x %d view(s) embedded once in %.1f s", description, n, self.views,
                     time.perf_counter() - t0)
+
+    def _view_batches(self, source: Any, view: int, n: int, step: int, seed: int) -> Iterator[torch.Tensor]:
+        """Image batches of view ``view`` (seeded per item when there are several views); the other keys
+        of the items are kept while view 0 is read."""
+        for start in range(0, n, step):
+            indices = range(start, min(n, start + step))
+            chunk = [source[(i, derive_seed(seed, view, i))] if self.views > 1 else source[i] for i in indices]
+            if view == 0:
+                self.items.extend({k: x for k, x in item.items() if k != self.image_key} for item in chunk)
+            yield torch.stack([torch.as_tensor(item[self.image_key]) for item in chunk])
 
     def __len__(self) -> int:
         return len(self.items)
