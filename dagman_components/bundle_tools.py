@@ -13,7 +13,7 @@ the bundle folder as its single top-level folder. What it leaves out, and why:
   ``mlruns/`` at the bundle root (training and evaluation outputs);
 * hidden files (``.*``), ``*.tmp``, ``*.log``, ``*.pyc``/``*.pyo`` and editor backups ``*~``;
 * everything under ``models/`` except the shipped weights, ``models/model.pt`` and
-  ``models/model.ts`` (``keep_models``), and the ``model_card.json`` beside a kept ``.pt`` (the card
+  ``models/model.ts``, the classifier's ``models/threshold.json`` (``keep_models``), and the ``model_card.json`` beside a kept ``.pt`` (the card
   :mod:`dagman_components.encoder_io` builds the encoder from travels with its weights): training writes its checkpoints there
   (``checkpoint_*.pt``, ``model_key_metric=*.pt``, optimiser states) and they are not part of a release;
 * any file larger than ``max_file_mb`` (the zoo's limit is 25 MB per file), except the files
@@ -78,7 +78,7 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 INFERENCE_CONFIGS = tuple(f"configs/inference{suffix}" for suffix in CONFIG_SUFFIXES)
 LARGE_FILES_NAMES = ("large_files.yml", "large_files.yaml", "large_files.json")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what monai.apps.utils.check_hash accepts
-KEEP_MODELS = ("model.pt", "model.ts")
+KEEP_MODELS = ("model.pt", "model.ts", "threshold.json")  # threshold.json: the classifier's validation threshold
 WHEELS_DIR = "wheels"  # the zip's folder for the dagman_components wheel (package_bundle(with_wheel=True))
 MODEL_CARD_NAME = "model_card.json"  # dagman_components.encoder_io.MODEL_CARD_NAME (not imported: it pulls in torch)
 EXCLUDED_ROOT_DIRS = frozenset({"eval", "runs", "logs", "log", "mlruns"})

@@ -6,7 +6,10 @@ The pretraining bundle writes ``models/model.pt`` (the teacher encoder's flat st
 ``models/model_card.json`` beside it (:func:`dagman_components.weights.export_encoder`). Downstream
 bundles, the comparison scripts and the diversity report go through this module:
 
-- :func:`read_model_card` / :func:`card_path`: the card of a ``model.pt``;
+- :func:`read_model_card` / :func:`card_path`: the card of a ``model.pt``; :func:`find_card`: the first
+  of several weights that has one (a trained downstream model's own card before its encoder's);
+- :func:`trained_model_card`: the card a downstream bundle writes beside the model it trains, so that
+  the model runs without the pretraining bundle (its encoder settings travel with it);
 - :func:`encoder_settings`: the encoder settings of the card; explicit config values that are not
   ``None`` must agree with it (else one line naming both values and the card); without a card, the
   config values over :data:`~dagman_components.networks.ENCODER_DEFAULTS`;
@@ -29,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import monai
 import torch
 import torch.nn as nn
 
@@ -44,7 +48,9 @@ __all__ = [
     "EncoderOutput",
     "EncoderSettingError",
     "card_path",
+    "find_card",
     "read_model_card",
+    "trained_model_card",
     "encoder_settings",
     "build_encoder",
     "weights_or_random",
@@ -92,6 +98,28 @@ def card_path(weights: str | os.PathLike | None, fallback: str | os.PathLike | N
     return Path(os.path.abspath(os.fspath(weights))).with_name(MODEL_CARD_NAME)
 
 
+def find_card(*weights: str | os.PathLike | None) -> Path | None:
+    """The model card beside the first of ``weights`` that has one.
+
+    A downstream bundle's trained ``model.pt`` carries its own card (:func:`trained_model_card`); weights
+    trained before that did not, and their encoder's card (the pretraining bundle's) describes them.
+
+    Args:
+        weights: ``model.pt`` paths in order of preference; ``None`` and ``"null"`` are skipped.
+
+    Returns:
+        The first existing card; when none exists, the card path of the first weights (a missing card:
+        the settings are the config values, and the log names where the card was looked for); ``None``
+        when no weights are given.
+
+    Example:
+        >>> find_card(None, "null") is None
+        True
+    """
+    candidates = [card_path(w) for w in weights if w is not None and w != RANDOM_WEIGHTS]
+    return next((c for c in candidates if c.is_file()), candidates[0] if candidates else None)
+
+
 def read_model_card(card: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """The content of a model card.
 
@@ -113,9 +141,16 @@ def read_model_card(card: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"model card '{path}' does not exist; {PRETRAINING_COMMAND}.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EncoderSettingError(f"model card '{path}' is not valid JSON: {err}") from err
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EncoderSettingError(
+            f"model card '{path}' is not valid JSON ({err}); put back the model_card.json written with the "
+            f"model.pt beside it, or remove it to use the config's encoder settings."
+        ) from err
+    if not isinstance(content, dict):
+        raise EncoderSettingError(f"model card '{path}' holds a JSON {type(content).__name__}, not an object; put "
+                                  f"back the model_card.json written with the model.pt beside it.")
+    return content
 
 
 def _comparable(value: Any) -> Any:
@@ -175,6 +210,52 @@ def encoder_settings(
             )
     base = {**ENCODER_DEFAULTS} if name == "SwinDAGMaN" else {}
     return {"class": name, **base, **explicit, **network}
+
+
+#: Constructor arguments that shape training only; a trained model's card leaves them out, so that
+#: another value at inference is no contradiction.
+TRAINING_ONLY_SETTINGS = ("drop_path_rate", "use_checkpoint")
+
+
+def trained_model_card(
+    encoder: Mapping[str, Any],
+    source_weights: str | os.PathLike | None,
+    model_file: str | os.PathLike,
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model card of a model trained on top of an encoder (written beside its ``model.pt``).
+
+    Args:
+        encoder: the encoder settings the model was built with (:func:`encoder_settings`'s result).
+        source_weights: the encoder weights training started from; ``None`` or ``"null"``: random.
+        model_file: the trained model's file (its name and sha256 are recorded).
+        recorded: further sections to record (the model's class and task settings, preprocessing).
+
+    Returns:
+        ``network`` (the encoder settings, in the pretraining card's form, without
+        :data:`TRAINING_ONLY_SETTINGS`), ``recorded``, ``encoder_weights`` (path and sha256 of the
+        starting weights, or ``"random"``), the MONAI and torch versions, ``file`` and ``sha256``.
+
+    Example:
+        >>> import tempfile; f = Path(tempfile.mkdtemp()) / "model.pt"; _ = f.write_bytes(b"")
+        >>> card = trained_model_card({"class": "SwinDAGMaN", "embed_dim": 24, "drop_path_rate": 0.1}, None, f)
+        >>> card["network"], card["encoder_weights"]
+        ({'class': 'dagman_components.networks.SwinDAGMaN', 'embed_dim': 24}, 'random')
+    """
+    settings = {k: v for k, v in encoder.items() if k not in TRAINING_ONLY_SETTINGS and k != "class"}
+    network = {"class": f"dagman_components.networks.{_class_name(encoder)}", **settings}
+    source = None if source_weights is None or source_weights == RANDOM_WEIGHTS else os.fspath(source_weights)
+    model_file = Path(model_file)
+    return {
+        "network": network,
+        **dict(recorded or {}),
+        "encoder_weights": "random" if source is None else {
+            "path": os.path.abspath(source), "sha256": sha256_of(source) if os.path.isfile(source) else None},
+        "monai_version": monai.__version__,
+        "torch_version": torch.__version__,
+        "file": model_file.name,
+        "sha256": sha256_of(model_file),
+    }
 
 
 def build_encoder(card: str | os.PathLike | Mapping[str, Any] | None = None, **explicit: Any) -> nn.Module:

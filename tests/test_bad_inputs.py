@@ -422,12 +422,27 @@ def test_cli_weights_of_another_width_are_summarised(tmp_path):
     bundle = bundle_with_outputs(tmp_path, SEGMENT)
     narrow = SwinUNETR(1, 2, feature_size=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), window_size=4)
     torch.save(narrow.state_dict(), bundle / "models" / "model.pt")
+    (bundle / "models" / "model_card.json").unlink()  # weights without their card: the default settings are built
     before = output_hashes(bundle)
     image = sorted((SAMPLE / "image").glob("*.nii.gz"))[0]
     result = cli(bundle, ["inference.yaml"], "--dataset_dir", str(image), "--num_workers", "0")
     assert_one_glance(result, ["ERROR (RuntimeError)", f"the weights '{bundle / 'models' / 'model.pt'}' do not fit "
                                "SwinUNETR", "tensors of another shape", "more)", "model card"])
     assert "size mismatch" not in result.stderr + result.stdout  # nor in the log (Ignite and MONAI log it twice)
+    assert output_hashes(bundle) == before
+
+
+@pytest.mark.parametrize("content", [b"\xc5\x00 not text", b'{"network": ', b"[1, 2]"], ids=["binary", "cut", "list"])
+def test_cli_damaged_model_card_of_trained_weights_is_named(tmp_path, content):
+    """Segmentation inference reads the card written with the trained model.pt: a damaged one is named."""
+    bundle = bundle_with_outputs(tmp_path, SEGMENT)
+    card = bundle / "models" / "model_card.json"
+    card.write_bytes(content)
+    before = output_hashes(bundle)
+    image = sorted((SAMPLE / "image").glob("*.nii.gz"))[0]
+    result = cli(bundle, ["inference.yaml"], "--dataset_dir", str(image), "--num_workers", "0")
+    assert_one_glance(result, ["ERROR (EncoderSettingError)", f"model card '{card}'",
+                               "put back the model_card.json written with the model.pt"])
     assert output_hashes(bundle) == before
 
 

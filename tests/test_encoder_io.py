@@ -3,7 +3,9 @@ one spelling of random, and the downstream configs that use it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,15 @@ from dagman_components.encoder_io import (
     build_encoder,
     card_path,
     encoder_settings,
+    find_card,
     load_encoder_weights,
     prepare_encoder,
+    trained_model_card,
     weights_or_random,
 )
 from dagman_components.networks import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
-from dagman_components.weights import WeightLoadError, export_encoder
+from dagman_components.weights import WeightLoadError, export_encoder, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -129,6 +133,53 @@ def test_downstream_configs_take_the_demo_card_without_flags(demo_weights):
     assert rnd.get_parsed_content("network_def").encoder.embed_dim == 24
     assert rnd.get_parsed_content("encoder").init == "random"
     assert Path(rnd.get_parsed_content("output_dir")).name == "random_global"
+
+
+def test_find_card_takes_the_first_weights_that_have_one(tmp_path):
+    trained, encoder = tmp_path / "trained" / "model.pt", tmp_path / "encoder" / "model.pt"
+    encoder.parent.mkdir()
+    (encoder.parent / "model_card.json").write_text("{}")
+    assert find_card(trained, encoder) == card_path(encoder)  # weights trained before cards were written
+    trained.parent.mkdir()
+    (trained.parent / "model_card.json").write_text("{}")
+    assert find_card(trained, encoder) == card_path(trained)
+    assert find_card(None, "null", encoder) == card_path(encoder)  # random: skipped
+    missing = tmp_path / "none" / "model.pt"
+    assert find_card(missing, tmp_path / "nowhere" / "model.pt") == card_path(missing)  # logged as missing
+    assert find_card(None, "null") is None
+
+
+def test_trained_model_card_records_settings_start_and_file(demo_weights, tmp_path):
+    settings = encoder_settings(demo_weights, drop_path_rate=0.3, use_checkpoint=True)
+    model = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, model)
+    card = trained_model_card(settings, demo_weights, model, {"model": {"num_classes": 2}})
+    assert card["network"] == {"class": "dagman_components.networks.SwinDAGMaN", **ENCODER_DEFAULTS, **DEMO_LIKE}
+    assert card["encoder_weights"] == {"path": str(demo_weights), "sha256": sha256_of(demo_weights)}
+    assert card["file"] == "model.pt" and card["sha256"] == sha256_of(model) and card["model"] == {"num_classes": 2}
+    # the card gives back the settings it was written from (less the training-only ones), and allows
+    # another drop_path_rate at inference
+    settings.pop("use_checkpoint")
+    assert encoder_settings(card, drop_path_rate=0.0) == {**settings, "drop_path_rate": 0.0}
+    assert trained_model_card(settings, "null", model)["encoder_weights"] == "random"
+
+
+def test_trained_models_own_card_comes_before_the_pretraining_card(demo_weights, tmp_path):
+    """A downstream bundle whose models/ holds its trained weights and card builds from that card, with the
+    pretraining bundle's card (embed 24) beside it and without any pretraining bundle."""
+    tiny = {**DEMO_LIKE, "embed_dim": 12, "num_heads": [3, 3, 3, 3], "sa_heads": 4}
+    cases = {"dagman_lung_nodule_ct_classification": (["train.yaml", "infer.yaml"], lambda n: n.encoder.embed_dim),
+             "dagman_lung_tumor_ct_segmentation": (["inference.yaml"], lambda n: n.swinViT.embed_dim)}
+    for root in (demo_weights.parents[2], tmp_path):
+        for bundle, (configs, embed_dim) in cases.items():
+            models = root / bundle / "models"
+            models.mkdir(parents=True, exist_ok=True)
+            model = models / "model.pt"
+            torch.save({}, model)
+            (models / "model_card.json").write_text(
+                json.dumps(trained_model_card({"class": "SwinDAGMaN", **tiny}, None, model)))
+            assert embed_dim(_parser(bundle, configs, root).get_parsed_content("network_def")) == 12, (root, bundle)
+            shutil.rmtree(models)
 
 
 def test_downstream_contradicting_setting_names_both_values_and_the_card(demo_weights):

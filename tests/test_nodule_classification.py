@@ -23,8 +23,8 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 import dagman_components.classification as nc
 from dagman_components.encoder_io import EncoderSettingError
-from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
-from dagman_components.weights import WeightLoadError
+from dagman_components.networks import ENCODER_DEFAULTS, DAGMaNPretrainNetwork, SwinDAGMaN
+from dagman_components.weights import WeightLoadError, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "lidc_nodules_sample"
@@ -358,12 +358,13 @@ def _cli_run(bundle: Path, configs: list[str], *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _run(bundle: Path, configs: list[str], **overrides) -> None:
+def _run(bundle: Path, configs: list[str], tiny_encoder: bool = True, **overrides) -> None:
     """The same ``monai.bundle run`` entry point in this process (no interpreter start-up); the bundle's
-    logging.conf is not applied so that pytest keeps its log capture."""
+    logging.conf is not applied so that pytest keeps its log capture. ``tiny_encoder=False``: no encoder
+    settings are passed (they must come from a model card)."""
     from monai.bundle import run
 
-    tiny = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+    tiny = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()} if tiny_encoder else {}
     run(config_file=[str(bundle / "configs" / c) for c in configs], logging_file=False, bundle_root=str(bundle),
         dataset_dir=str(SAMPLE), num_workers=0, batch_size=4, **tiny, **overrides)
 
@@ -382,7 +383,14 @@ def test_train_then_evaluate(trained_bundle):
     assert info["n_val"] >= 2 and 0.0 <= info["threshold"] <= 1.0
     assert not (trained_bundle / "models" / ".staging").exists()
     assert (trained_bundle / "eval" / "training_curves.png").stat().st_size > 1000
-    _run(trained_bundle, ["train.yaml", "evaluate.yaml"], n_boot=50)
+    # the model card written with model.pt: the encoder settings it was built with, random start, its sha256
+    card = json.loads((trained_bundle / "models" / "model_card.json").read_text())
+    assert card["network"] == {"class": "dagman_components.networks.SwinDAGMaN", **ENCODER_DEFAULTS,
+                               "embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 4}
+    assert card["encoder_weights"] == "random" and card["model"]["mode"] == "finetune"
+    assert card["sha256"] == sha256_of(trained_bundle / "models" / "model.pt") == info["model_sha256"]
+    assert card["selected_by"]["val_auc"] == pytest.approx(info["val_auc"]) and card["selected_by"]["epoch"] == 1
+    _run(trained_bundle, ["train.yaml", "evaluate.yaml"], tiny_encoder=False, n_boot=50)  # settings from the card
     report = json.loads((trained_bundle / "eval" / "test_metrics.json").read_text())
     pred = pd.read_csv(trained_bundle / "eval" / "test_predictions.csv")
     assert report["n"] == len(pred) == 8 and report["threshold"] == info["threshold"]  # fold 0 of 3 on 24 patients
@@ -394,7 +402,7 @@ def test_train_then_evaluate(trained_bundle):
 @pytest.mark.slow
 def test_inference_writes_probabilities_and_attention(trained_bundle, tmp_path):
     pd.read_csv(CSV).head(2).drop(columns=["Malignancy_value"]).to_csv(tmp_path / "new.csv", index=False)
-    _run(trained_bundle, ["train.yaml", "infer.yaml"], infer_source=str(tmp_path / "new.csv"),
+    _run(trained_bundle, ["train.yaml", "infer.yaml"], tiny_encoder=False, infer_source=str(tmp_path / "new.csv"),
          infer_image_dir=str(IMAGES), infer_dir=str(tmp_path / "out"))
     pred = pd.read_csv(tmp_path / "out" / "inference_predictions.csv")
     assert pred.id.tolist() == ["LIDC-IDRI-0001_R_1", "LIDC-IDRI-0003_R_2"] and pred.label.isna().all()

@@ -23,7 +23,7 @@ import yaml
 from monai.networks.nets import SwinUNETR
 
 from dagman_components.data import DataSourceError
-from dagman_components.encoder_io import EncoderSettingError
+from dagman_components.encoder_io import EncoderSettingError, encoder_settings
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.segmentation import (
     SegmentationPostprocessd,
@@ -36,7 +36,7 @@ from dagman_components.segmentation import (
     validate_image_label_pairs,
     write_datalist,
 )
-from dagman_components.weights import WeightLoadError, export_encoder
+from dagman_components.weights import WeightLoadError, export_encoder, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "dagman_lung_tumor_ct_segmentation"
@@ -316,6 +316,13 @@ def test_bundle_train_evaluate_inference_export(tmp_path):
     saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert "swinViT.patch_embed.proj.weight" in saved and all(isinstance(v, torch.Tensor) for v in saved.values())
     assert (bundle / "runs" / "training_curves.png").stat().st_size > 0
+    # its model card: the encoder's settings, the weights it started from, its own sha256
+    card = json.loads((bundle / "models" / "model_card.json").read_text())
+    assert encoder_settings(card) == encoder_settings(encoder_dir / "model_card.json")
+    assert card["encoder_weights"]["sha256"] == sha256_of(encoder_path)
+    assert card["sha256"] == sha256_of(bundle / "models" / "model.pt")
+    # from here on the trained bundle runs alone: its own card gives the tiny settings
+    shutil.rmtree(tmp_path / "dagman_ct_pretraining")
 
     # evaluate in the images' own geometry: per-case CSV, summary and PNG
     _run_bundle(["train.yaml", "demo.yaml", "evaluate.yaml"], bundle, *common, "--num_workers", "0")

@@ -20,6 +20,11 @@ written into the repository. The steps, in order, each asserting the outputs its
 6. The unzipped bundle runs where it is, with no repository beside it: its ``inference.yaml`` on its own
    sample CT (features and S_ATT maps), then the demo's command (``--max_epochs 1``) on its own
    ``sample_data/``.
+7. The three downstream bundles, packaged with the weights trained above and each unzipped alone into an
+   empty folder: each runs its inference config from there (classification and segmentation on one of
+   the shipped crops, clustering on its shipped organ crops), with no pretraining bundle beside it: the
+   model card written with the trained weights gives the network's settings, and the classifier's
+   validation threshold travels with them.
 """
 
 from __future__ import annotations
@@ -186,3 +191,28 @@ def test_readme_walkthrough(tmp_path):
     _bundle_run(unzipped, "dagman_ct_pretraining", demo, "--max_epochs", "1")
     assert (alone / "models" / "model.pt").is_file() and _is_png(alone / "runs" / "probe_auc.png")
 
+    # 7. each downstream bundle, packaged with its trained weights and unzipped alone, runs its inference config
+    for rel in ("model.pt", "model_card.json"):  # clustering trains nothing: it ships the encoder it uses
+        shutil.copy(pre / "models" / rel, work / CLU / "models" / rel)
+    crop = sorted((work / "data" / "lidc_nodules_sample" / "image").glob("*.nii.gz"))[0]
+    runs = {  # bundle -> (inference overrides, an output it must write, relative to its unzipped folder)
+        CLS: (("--infer_source", crop.name), "{b}/eval/inference/inference_predictions.csv"),
+        SEG: (("--dataset_dir", crop.name, "--output_dir", "masks"), "masks/**/*_seg.nii.gz"),
+        CLU: ((), "{b}/eval/pretrained_global/umap.png"),
+    }
+    for bundle, (overrides, output) in runs.items():
+        name = Path(bundle).name
+        # the segmenter's weights (65 MB) are over the zoo's 25 MB per file: shipped in the zip here
+        _run(work, str(REPO / "scripts" / "package_bundle.py"), bundle, "--out", f"dist_{name}", "--max-file-mb", "100")
+        (zip_path,) = sorted((work / f"dist_{name}").glob("*.zip"))
+        alone = tmp_path / f"alone_{name}"
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(alone)
+        shutil.copy(crop, alone / crop.name)
+        assert not (tmp_path / "dagman_ct_pretraining").exists() and not (alone / "dagman_ct_pretraining").exists()
+        _bundle_run(alone, name, [f"{name}/configs/inference.json"], *overrides)
+        assert len(list(alone.glob(output.format(b=name)))) == 1, f"{name}: no {output} from the unzipped bundle"
+    # the classifier's validation threshold travelled with its weights: the unzipped run predicts with it
+    with (tmp_path / f"alone_{Path(CLS).name}" / Path(CLS).name / "eval" / "inference" / "inference_predictions.csv"
+          ).open(newline="") as f:
+        assert [row["prediction"] in ("0", "1") for row in csv.DictReader(f)] == [True]

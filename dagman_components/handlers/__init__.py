@@ -8,6 +8,7 @@ from dagman_components.handlers.checkpoint import (
     CheckpointSettingsError,
     EncoderExporter,
     ResumeFromCheckpoint,
+    TrainedModelCard,
     WeightsOnlyCheckpointLoader,
 )
 from dagman_components.handlers.curves import CurveHistory, CurveWriter, EpochCurveWriter

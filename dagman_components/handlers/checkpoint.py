@@ -21,6 +21,7 @@ from monai.handlers import CheckpointLoader
 
 from dagman_components.atomic import atomic_save, atomic_write_text
 from dagman_components.distributed import is_main_process
+from dagman_components.encoder_io import card_path, trained_model_card
 from dagman_components.errors import is_state_dict_error, summarise_state_dict_error
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.weights import (
@@ -30,7 +31,7 @@ from dagman_components.weights import (
     pickled_objects_error,
 )
 
-__all__ = ["AtomicCheckpointSaver", "BestMetricSaver", "ResumeFromCheckpoint", "EncoderExporter",
+__all__ = ["AtomicCheckpointSaver", "BestMetricSaver", "TrainedModelCard", "ResumeFromCheckpoint", "EncoderExporter",
            "CheckpointSettingsError", "WeightsOnlyCheckpointLoader"]
 
 #: Checkpoint key of the run settings written by :class:`AtomicCheckpointSaver`.
@@ -189,6 +190,32 @@ class BestMetricSaver:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+
+
+class TrainedModelCard:
+    """The ``model_card.json`` written beside a downstream bundle's best model by
+    :class:`BestMetricSaver` (one of its ``companions``): the encoder settings the model was built with,
+    so that its inference config builds the same network without the pretraining bundle beside it
+    (:func:`~dagman_components.encoder_io.trained_model_card`), and the validation value that chose it.
+
+    Args:
+        model_path: the model file (the card is :func:`~dagman_components.encoder_io.card_path` of it).
+        encoder: the encoder settings (:func:`~dagman_components.encoder_io.encoder_settings`).
+        source_weights: the encoder weights training started from (``None`` or ``"null"``: random).
+        recorded: further sections (the model's class and task settings, preprocessing).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, encoder: Mapping[str, Any],
+                 source_weights: str | os.PathLike | None = None, recorded: Mapping[str, Any] | None = None) -> None:
+        self.path = card_path(model_path)
+        self.encoder = dict(encoder)
+        self.source_weights = source_weights
+        self.recorded = dict(recorded or {})
+
+    def __call__(self, model_file: Path, metric_name: str, value: float, epoch: int) -> str:
+        card = trained_model_card(self.encoder, self.source_weights, model_file, self.recorded)
+        card["selected_by"] = {metric_name: value, "epoch": epoch}
+        return json.dumps(card, indent=2, default=str) + "\n"
 
 
 class ResumeFromCheckpoint:
