@@ -470,11 +470,18 @@ def test_linear_probe_on_cached_features_trains_the_head_the_uncached_run_trains
              cache_features=cached, max_epochs=2)
         # evaluation runs the whole model on the images, whatever cache_features says (its weights load late)
         _run(bundle, ["train.yaml", "evaluate.yaml"], mode="linear_probe", cache_features=cached, n_boot=10)
+        # and so does inference (a cache made before the weights load would hold a random encoder's features)
+        _run(bundle, ["train.yaml", "infer.yaml"], mode="linear_probe", cache_features=cached,
+             infer_source=str(IMAGES), save_attention=False)
         results[cached] = (torch.load(bundle / "models" / "model.pt", weights_only=True),
                            json.loads((bundle / "models" / "threshold.json").read_text()),
-                           json.loads((bundle / "eval" / "test_metrics.json").read_text())["auc"]["value"])
-    (weights, info, test_auc), (weights_uncached, info_uncached, test_auc_uncached) = results[True], results[False]
+                           json.loads((bundle / "eval" / "test_metrics.json").read_text())["auc"]["value"],
+                           pd.read_csv(bundle / "eval" / "inference" / "inference_predictions.csv"))
+    (weights, info, test_auc, pred), (weights_uncached, info_uncached, test_auc_uncached, pred_uncached) = (
+        results[True], results[False])
     assert test_auc == pytest.approx(test_auc_uncached, abs=1e-6)
+    assert len(pred) == 24 and pred.id.tolist() == pred_uncached.id.tolist()
+    np.testing.assert_allclose(pred.probability_malignant, pred_uncached.probability_malignant, atol=1e-5)
     torch.testing.assert_close(weights["head.fc.weight"], weights_uncached["head.fc.weight"], rtol=1e-4, atol=1e-6)
     assert not torch.equal(weights["head.fc.weight"], nc.NoduleClassifier(_encoder()).head.fc.weight)
     assert info["epoch"] == info_uncached["epoch"]

@@ -126,7 +126,10 @@ def test_every_bundle_loads_data_with_workers_capped_by_the_cpus(bundle):
     parser["num_workers"] = 64
     assert parser.get_parsed_content("loader_workers") == available_cpus()
     loaders = [k for k in ("train#dataloader", "validate#dataloader") if k in parser]
-    assert loaders and all(parser[f"{k}#num_workers"] == "@loader_workers" for k in loaders)
+    assert loaders and all(parser.get_parsed_content(f"{k}#num_workers") == available_cpus() for k in loaders)
+    if "item_workers" in parser:  # classification: cached features are in memory, loaded without workers
+        parser.update({"mode": "linear_probe", "cache_features": True})
+        assert all(parser.get_parsed_content(f"{k}#num_workers") == 0 for k in loaders)
 
 
 def test_progress_shows_count_and_eta_and_can_be_switched_off(capsys, monkeypatch):

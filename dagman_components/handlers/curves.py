@@ -9,7 +9,8 @@ CSV of the numbers beside it, both written atomically by rank 0.
 * :class:`EpochCurveWriter` (the downstream bundles): the mean training loss per epoch and the
   evaluator's key metric per validation, side by side, panel labels configurable.
 * The pretraining bundle's :class:`~dagman_components.handlers.monitoring.LossHistoryPlotter` records
-  every loss term and diagnostic per iteration with the same writer.
+  every loss term and diagnostic per iteration with the same writer, and
+  :class:`~dagman_components.handlers.probe.ProbeCurveWriter` draws the in-loop probe's AUC.
 """
 
 from __future__ import annotations

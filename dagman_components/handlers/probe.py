@@ -36,7 +36,7 @@ from dagman_components.data import HU_WINDOW
 from dagman_components.distributed import is_main_process
 from dagman_components.frozen_features import frozen_features, image_batches, module_device
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.atomic import atomic_write_png, atomic_write_text
+from dagman_components.handlers.curves import CurveHistory, CurveWriter
 
 __all__ = [
     "FrozenFeatureProbe",
@@ -47,7 +47,7 @@ __all__ = [
     "probe_auc",
     "probe_scores",
     "ProbeScores",
-    "plot_probe_history",
+    "ProbeCurveWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -229,40 +229,54 @@ def probe_auc(features: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarr
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def plot_probe_history(iterations: Sequence[int], aucs: Mapping[str, Sequence[float]], path: str | os.PathLike,
-                       title: str = "DAGMaN pretraining: frozen-feature probe") -> None:
-    """Draw the probe AUC of each token over the iterations to a PNG, atomically (Agg backend).
+class ProbeCurveWriter(CurveWriter):
+    """The probe ROC AUC of each token over the pretraining iterations: ``png_path`` and its CSV
+    (``iteration,auc_<token>...,seconds``), through the one curve writer. :class:`FrozenFeatureProbe`
+    adds the points to the history and calls :meth:`write`; it is not attached to an engine itself.
 
     The iteration-0 values (the random-init baseline), when recorded, are dashed horizontal lines in
     each token's colour; chance (0.5) is dotted.
 
     Args:
-        iterations: the probed iterations.
-        aucs: ``token -> AUC per iteration``.
-        path: the PNG.
+        png_path: the PNG (the CSV beside it, ``.csv``).
+        tokens: the probed encoder outputs (series ``auc_<token>``).
+        history: the probe's history (default a new one).
+        title: the figure's title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    its = list(iterations)
-    for n, (token, values) in enumerate(aucs.items()):
-        colour = f"C{n}"
-        ax.plot(its, values, marker="o", ms=3, color=colour, label=f"{token} token")
-        if its and its[0] == 0 and math.isfinite(values[0]):
-            ax.axhline(values[0], color=colour, ls="--", lw=1, alpha=0.8, label=f"{token} at init ({values[0]:.3f})")
-    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
-    finite = [v for vals in aucs.values() for v in vals if math.isfinite(v)]
-    ax.set_ylim(max(0.0, min(finite + [0.5]) - 0.05), 1.0)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("probe ROC AUC (mean over folds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write_png(fig, path)
+    x_name = "iteration"
+
+    def __init__(self, png_path: str | os.PathLike, tokens: Sequence[str], history: CurveHistory | None = None,
+                 title: str = "DAGMaN pretraining: frozen-feature probe") -> None:
+        super().__init__(png_path, history)
+        self.tokens = [str(t) for t in tokens]
+        self.title = title
+
+    def record(self, engine: Engine) -> None:
+        """Nothing per iteration: the probe adds its points when it probes."""
+
+    def columns(self) -> list[str]:
+        return [f"auc_{t}" for t in self.tokens] + ["seconds"]
+
+    def draw(self, plt: Any) -> Any:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        its = self.history.xs("seconds")
+        for n, token in enumerate(self.tokens):
+            values, colour = self.history.values(f"auc_{token}"), f"C{n}"
+            ax.plot(its, values, marker="o", ms=3, color=colour, label=f"{token} token")
+            if its and its[0] == 0 and math.isfinite(values[0]):
+                ax.axhline(values[0], color=colour, ls="--", lw=1, alpha=0.8,
+                           label=f"{token} at init ({values[0]:.3f})")
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+        finite = [v for t in self.tokens for v in self.history.values(f"auc_{t}") if math.isfinite(v)]
+        ax.set_ylim(max(0.0, min(finite + [0.5]) - 0.05), 1.0)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("probe ROC AUC (mean over folds)")
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
 
 
 class FrozenFeatureProbe:
@@ -366,9 +380,8 @@ class FrozenFeatureProbe:
         self.device = device
         self.items = self._read_items()
         self._data: ProbeData | None = None
-        self.iterations: list[int] = []
-        self.aucs: dict[str, list[float]] = {t: [] for t in self.tokens}
-        self.seconds: list[float] = []
+        self.history = CurveHistory("iteration")  # auc_<token> and seconds per probed iteration
+        self.curves = ProbeCurveWriter(self.png_path, self.tokens, self.history) if self.png_path is not None else None
 
     # -- the labelled set
 
@@ -475,10 +488,9 @@ class FrozenFeatureProbe:
         aucs = self.score(self.features(engine))
         seconds = time.perf_counter() - t0
         iteration = int(engine.state.iteration)
-        self.iterations.append(iteration)
         for t in self.tokens:
-            self.aucs[t].append(aucs[t])
-        self.seconds.append(seconds)
+            self.history.add(f"auc_{t}", iteration, aucs[t])
+        self.history.add("seconds", iteration, seconds)
         result = {"iteration": iteration, **{f"auc_{t}": aucs[t] for t in self.tokens}, "seconds": seconds,
                   "cases": len(data.labels), "folds": len(data.folds)}
         self._report(engine, result)
@@ -523,19 +535,29 @@ class FrozenFeatureProbe:
     # -- history and files
 
     @property
+    def iterations(self) -> list[int]:
+        """The probed iterations, in order."""
+        return self.history.xs("seconds")
+
+    @property
+    def aucs(self) -> dict[str, list[float]]:
+        """``token -> AUC`` at each probed iteration."""
+        return {t: self.history.values(f"auc_{t}") for t in self.tokens}
+
+    @property
+    def seconds(self) -> list[float]:
+        """The time each probe took."""
+        return self.history.values("seconds")
+
+    @property
     def csv_path(self) -> Path | None:
         """The CSV next to ``png_path``."""
         return self.png_path.with_suffix(".csv") if self.png_path is not None else None
 
     def write(self) -> None:
         """Rewrite the PNG and the CSV (rank 0, when ``png_path`` is set and there is a history)."""
-        if self.png_path is None or not self.iterations or not is_main_process():
-            return
-        plot_probe_history(self.iterations, self.aucs, self.png_path)
-        rows = ["iteration," + ",".join(f"auc_{t}" for t in self.tokens) + ",seconds"]
-        rows += [",".join([str(i)] + [f"{self.aucs[t][n]:.6g}" for t in self.tokens] + [f"{self.seconds[n]:.3f}"])
-                 for n, i in enumerate(self.iterations)]
-        atomic_write_text("\n".join(rows) + "\n", self.csv_path)  # type: ignore[arg-type]
+        if self.curves is not None:
+            self.curves.write()
 
     def _recover_from_csv(self, iteration: int) -> None:
         """On a resumed run without the probe in the checkpoint, read back the CSV rows up to ``iteration``."""
@@ -571,6 +593,8 @@ class FrozenFeatureProbe:
         lengths = {len(v) for k, v in state.items() if k == "iterations" or k == "seconds" or k.startswith("auc_")}
         if missing or len(lengths) > 1:
             raise ValueError(f"probe history: missing {missing} or lists of different lengths {sorted(lengths)}.")
-        self.iterations = [int(i) for i in state["iterations"]]
-        self.aucs = {t: [float(x) for x in state[f"auc_{t}"]] for t in self.tokens}
-        self.seconds = [float(s) for s in state["seconds"]]
+        self.history.series.clear()
+        for n, iteration in enumerate(state["iterations"]):
+            for t in self.tokens:
+                self.history.add(f"auc_{t}", iteration, state[f"auc_{t}"][n])
+            self.history.add("seconds", iteration, state["seconds"][n])
