@@ -220,32 +220,29 @@ TRAINING_ONLY_SETTINGS = ("drop_path_rate", "use_checkpoint")
 def trained_model_card(
     encoder: Mapping[str, Any],
     source_weights: str | os.PathLike | None,
-    model_file: str | os.PathLike,
     recorded: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card of a model trained on top of an encoder (written beside its ``model.pt``).
+    """The model card of a model trained on top of an encoder, less what each saved file adds (its
+    name, sha256 and selection: :class:`~dagman_components.handlers.TrainedModelCard`).
 
     Args:
         encoder: the encoder settings the model was built with (:func:`encoder_settings`'s result).
         source_weights: the encoder weights training started from; ``None`` or ``"null"``: random.
-        model_file: the trained model's file (its name and sha256 are recorded).
         recorded: further sections to record (the model's class and task settings, preprocessing).
 
     Returns:
         ``network`` (the encoder settings, in the pretraining card's form, without
         :data:`TRAINING_ONLY_SETTINGS`), ``recorded``, ``encoder_weights`` (path and sha256 of the
-        starting weights, or ``"random"``), the MONAI and torch versions, ``file`` and ``sha256``.
+        starting weights, or ``"random"``) and the MONAI and torch versions.
 
     Example:
-        >>> import tempfile; f = Path(tempfile.mkdtemp()) / "model.pt"; _ = f.write_bytes(b"")
-        >>> card = trained_model_card({"class": "SwinDAGMaN", "embed_dim": 24, "drop_path_rate": 0.1}, None, f)
+        >>> card = trained_model_card({"class": "SwinDAGMaN", "embed_dim": 24, "drop_path_rate": 0.1}, None)
         >>> card["network"], card["encoder_weights"]
         ({'class': 'dagman_components.networks.SwinDAGMaN', 'embed_dim': 24}, 'random')
     """
     settings = {k: v for k, v in encoder.items() if k not in TRAINING_ONLY_SETTINGS and k != "class"}
     network = {"class": f"dagman_components.networks.{_class_name(encoder)}", **settings}
     source = None if source_weights is None or source_weights == RANDOM_WEIGHTS else os.fspath(source_weights)
-    model_file = Path(model_file)
     return {
         "network": network,
         **dict(recorded or {}),
@@ -253,8 +250,6 @@ def trained_model_card(
             "path": os.path.abspath(source), "sha256": sha256_of(source) if os.path.isfile(source) else None},
         "monai_version": monai.__version__,
         "torch_version": torch.__version__,
-        "file": model_file.name,
-        "sha256": sha256_of(model_file),
     }
 
 

@@ -24,6 +24,7 @@ from dagman_components.encoder_io import (
     trained_model_card,
     weights_or_random,
 )
+from dagman_components.handlers import TrainedModelCard
 from dagman_components.networks import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
 from dagman_components.weights import WeightLoadError, export_encoder, sha256_of
@@ -153,7 +154,9 @@ def test_trained_model_card_records_settings_start_and_file(demo_weights, tmp_pa
     settings = encoder_settings(demo_weights, drop_path_rate=0.3, use_checkpoint=True)
     model = tmp_path / "model.pt"
     torch.save({"w": torch.ones(2)}, model)
-    card = trained_model_card(settings, demo_weights, model, {"model": {"num_classes": 2}})
+    writer = TrainedModelCard(model, settings, demo_weights, {"model": {"num_classes": 2}})
+    card = json.loads(writer(sha256_of(model), "val_auc", 0.75, 3))
+    assert writer.path == card_path(model) and card["selected_by"] == {"val_auc": 0.75, "epoch": 3}
     assert card["network"] == {"class": "dagman_components.networks.SwinDAGMaN", **ENCODER_DEFAULTS, **DEMO_LIKE}
     assert card["encoder_weights"] == {"path": str(demo_weights), "sha256": sha256_of(demo_weights)}
     assert card["file"] == "model.pt" and card["sha256"] == sha256_of(model) and card["model"] == {"num_classes": 2}
@@ -161,7 +164,7 @@ def test_trained_model_card_records_settings_start_and_file(demo_weights, tmp_pa
     # another drop_path_rate at inference
     settings.pop("use_checkpoint")
     assert encoder_settings(card, drop_path_rate=0.0) == {**settings, "drop_path_rate": 0.0}
-    assert trained_model_card(settings, "null", model)["encoder_weights"] == "random"
+    assert trained_model_card(settings, "null")["encoder_weights"] == "random"
 
 
 def test_trained_models_own_card_comes_before_the_pretraining_card(demo_weights, tmp_path):
@@ -177,7 +180,7 @@ def test_trained_models_own_card_comes_before_the_pretraining_card(demo_weights,
             model = models / "model.pt"
             torch.save({}, model)
             (models / "model_card.json").write_text(
-                json.dumps(trained_model_card({"class": "SwinDAGMaN", **tiny}, None, model)))
+                TrainedModelCard(model, {"class": "SwinDAGMaN", **tiny})(sha256_of(model), "val_auc", 1.0, 1))
             assert embed_dim(_parser(bundle, configs, root).get_parsed_content("network_def")) == 12, (root, bundle)
             shutil.rmtree(models)
 

@@ -145,13 +145,13 @@ class ValidationThreshold:
         self.collector = collector
         self.path = Path(path)
 
-    def __call__(self, model_file: Path, metric_name: str, value: float, epoch: int) -> str:
+    def __call__(self, model_sha256: str, metric_name: str, value: float, epoch: int) -> str:
         scores, labels = np.asarray(self.collector.scores), np.asarray(self.collector.labels)
         threshold = youden_threshold(scores, labels)
         sens, spec = sensitivity_specificity(scores, labels, threshold)
         info = {"threshold": threshold, "rule": "Youden J on the validation split", metric_name: value,
                 "val_sensitivity": sens, "val_specificity": spec, "epoch": epoch,
-                "n_val": int(len(labels)), "n_val_malignant": int(labels.sum()), "model_sha256": sha256_of(model_file)}
+                "n_val": int(len(labels)), "n_val_malignant": int(labels.sum()), "model_sha256": model_sha256}
         logger.info("threshold %.4f chosen on the validation split of epoch %d", threshold, epoch)
         return json.dumps(info, indent=2) + "\n"
 

@@ -29,6 +29,7 @@ from dagman_components.weights import (
     is_pickled_objects_refusal,
     load_weights_only,
     pickled_objects_error,
+    sha256_of,
 )
 
 __all__ = ["AtomicCheckpointSaver", "BestMetricSaver", "TrainedModelCard", "ResumeFromCheckpoint", "EncoderExporter",
@@ -113,8 +114,9 @@ class BestMetricSaver:
         greater_is_better: whether a larger value is better.
         publish_at_end: stage the files and move them into place only in :meth:`publish`.
         companions: files written with the model after each improvement, each a callable
-            ``(model_file, metric_name, value, epoch) -> text`` with a ``path`` attribute (its final
-            file); ``model_file`` is the model just written, e.g. for its sha256. Published after the model.
+            ``(model_sha256, metric_name, value, epoch) -> text`` with a ``path`` attribute (its final
+            file); ``model_sha256`` is the sha256 of the model just written (hashed once for all of
+            them). Published after the model.
     """
 
     def __init__(
@@ -124,7 +126,7 @@ class BestMetricSaver:
         key_metric_name: str | None = None,
         greater_is_better: bool = True,
         publish_at_end: bool = False,
-        companions: Sequence[Callable[[Path, str, float, int], str]] = (),
+        companions: Sequence[Callable[[str, str, float, int], str]] = (),
     ) -> None:
         self.save_path = Path(save_path)
         self.network = network
@@ -159,8 +161,9 @@ class BestMetricSaver:
             return
         model_file = self._written_path(self.save_path)
         atomic_save(unwrap(self.network).state_dict(), model_file)
+        digest = sha256_of(model_file) if self.companions else ""
         for companion in self.companions:
-            atomic_write_text(companion(model_file, name, value, self.best_epoch),
+            atomic_write_text(companion(digest, name, value, self.best_epoch),
                               self._written_path(Path(companion.path)))
         logging.getLogger(__name__).info("new best %s %.4f at epoch %d: %s %s", name, value, self.best_epoch,
                                          "staged" if self.publish_at_end else "saved", self.save_path)
@@ -196,7 +199,8 @@ class TrainedModelCard:
     """The ``model_card.json`` written beside a downstream bundle's best model by
     :class:`BestMetricSaver` (one of its ``companions``): the encoder settings the model was built with,
     so that its inference config builds the same network without the pretraining bundle beside it
-    (:func:`~dagman_components.encoder_io.trained_model_card`), and the validation value that chose it.
+    (:func:`~dagman_components.encoder_io.trained_model_card`, made once per run), the model file's name
+    and sha256, and the validation value that chose it.
 
     Args:
         model_path: the model file (the card is :func:`~dagman_components.encoder_io.card_path` of it).
@@ -207,14 +211,18 @@ class TrainedModelCard:
 
     def __init__(self, model_path: str | os.PathLike, encoder: Mapping[str, Any],
                  source_weights: str | os.PathLike | None = None, recorded: Mapping[str, Any] | None = None) -> None:
+        self.model_name = Path(model_path).name
         self.path = card_path(model_path)
         self.encoder = dict(encoder)
         self.source_weights = source_weights
         self.recorded = dict(recorded or {})
+        self._run_card: dict[str, Any] | None = None  # the parts fixed for the run (the encoder file hashed once)
 
-    def __call__(self, model_file: Path, metric_name: str, value: float, epoch: int) -> str:
-        card = trained_model_card(self.encoder, self.source_weights, model_file, self.recorded)
-        card["selected_by"] = {metric_name: value, "epoch": epoch}
+    def __call__(self, model_sha256: str, metric_name: str, value: float, epoch: int) -> str:
+        if self._run_card is None:
+            self._run_card = trained_model_card(self.encoder, self.source_weights, self.recorded)
+        card = {**self._run_card, "file": self.model_name, "sha256": model_sha256,
+                "selected_by": {metric_name: value, "epoch": epoch}}
         return json.dumps(card, indent=2, default=str) + "\n"
 
 
