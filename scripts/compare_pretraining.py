@@ -245,19 +245,18 @@ def nodule_images(nodules: str, cache: Path) -> dict[str, Any]:
 
 
 def linear_probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
-    """Logistic regression (standardised features, balanced classes) in patient-grouped stratified
-    folds: the in-loop probe's classifier (``dagman_components.handlers.probe``); AUC per fold and of
-    the pooled out-of-fold scores."""
+    """The project's linear probe (:mod:`dagman_components.probing`: standardised, balanced logistic
+    regression at its optimum) in patient-grouped stratified folds; AUC per fold and of the pooled
+    out-of-fold scores."""
     import dagman_components.classification as nc
-    from dagman_components.handlers.probe import probe_scores
+    from dagman_components.probing import DEFAULT_C, probe_scores
 
     test_folds = nc.grouped_stratified_folds(y, groups, n_folds=folds, seed=seed)
-    result = probe_scores(x, y, test_folds, classifier="logistic", C=1.0, max_iter=5000, class_weight="balanced",
-                          seed=seed)
+    result = probe_scores(x, y, test_folds, classifier="logistic", C=DEFAULT_C)
     aucs = result.fold_aucs
     return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_folds": aucs,
             "auc_pooled": float(nc.roc_auc(result.scores[result.scored], y[result.scored])), "cases": int(len(y)),
-            "positives": int(y.sum()), "folds": folds, "classifier": "StandardScaler + LogisticRegression(C=1, balanced)"}
+            "positives": int(y.sum()), "folds": folds, "classifier": "dagman_components.probing logistic probe (standardised, balanced, C=1)"}
 
 
 def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
