@@ -23,3 +23,6 @@ __all__ = [
     "probe_scores",
     "select_logistic_probe",
 ]
+from dagman_components.probing.paired import PairedDifference, mean_auc, paired_auc_difference  # noqa: E402
+
+__all__ += ["PairedDifference", "mean_auc", "paired_auc_difference"]
