@@ -395,3 +395,61 @@ def test_check_roi_size_accepts(roi, expected):
 def test_check_roi_size_rejects_naming_key(roi):
     with pytest.raises(ValueError, match="pretrain#roi_size"):
         check_roi_size(roi, key="pretrain#roi_size")
+
+
+# -- views that differ (dagman_components.data.views)
+
+
+def _ramp(shape=(1, 40, 40, 40)) -> torch.Tensor:
+    """A volume whose every voxel holds its own flat index: a view's content tells where it came from."""
+    return torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
+
+
+def test_region_crops_both_views_lie_inside_one_region_of_the_configured_size():
+    from dagman_components.data import PretrainingViewsd
+
+    views = PretrainingViewsd("image", ("image", "image_2"), (32, 32, 32), mode="region_crops",
+                              region_factor=1.5).set_random_state(0)
+    for _ in range(20):
+        out = views({"image": _ramp((1, 80, 80, 80))})
+        (s1, z1), (s2, z2) = views.boxes
+        assert z1 == z2 == (32, 32, 32)
+        # the region is 48^3: both boxes fit in one 48^3 box
+        lo = [min(a, b) for a, b in zip(s1, s2)]
+        hi = [max(a + 32, b + 32) for a, b in zip(s1, s2)]
+        assert all(h - l <= 48 for l, h in zip(lo, hi))
+        assert torch.equal(out["image"], _ramp((1, 80, 80, 80))[:, s1[0]:s1[0] + 32, s1[1]:s1[1] + 32, s1[2]:s1[2] + 32])
+    assert views.mode_used == "region_crops"
+
+
+def test_resized_crops_follow_the_scale_range_and_are_resized_to_the_roi():
+    from dagman_components.data import PretrainingViewsd
+
+    views = PretrainingViewsd("image", ("a", "b"), (32, 32, 32), mode="resized_crop", scale=(0.3, 0.6)).set_random_state(1)
+    fractions, offsets = [], set()
+    for _ in range(50):
+        out = views({"image": _ramp()})
+        assert out["a"].shape == out["b"].shape == (1, 32, 32, 32)
+        for start, size in views.boxes:
+            fractions.append(np.prod(size) / 40**3)
+            offsets.add(start)
+            assert all(0 <= a and a + b <= 40 for a, b in zip(start, size))
+    # rounding each side moves the fraction a little outside the drawn range
+    assert 0.25 < min(fractions) < 0.4 and 0.5 < max(fractions) < 0.68 and len(offsets) > 40
+    auto = PretrainingViewsd("image", ("a", "b"), (32, 32, 32), mode="auto").set_random_state(0)
+    auto({"image": _ramp()})
+    assert auto.mode_used == "resized_crop"  # 40 < 2 x 32
+    auto({"image": _ramp((1, 64, 70, 80))})
+    assert auto.mode_used == "region_crops"
+    with pytest.raises(ValueError, match="view_scale"):
+        PretrainingViewsd("image", ("a", "b"), (32, 32, 32), scale=(0.0, 1.0))
+
+
+def test_pretraining_transforms_take_the_view_mode():
+    aug = pretraining_transforms(32, view_mode="resized_crop", view_scale=(0.2, 0.2), crop_foreground=False,
+                                 intensity_jitter=0.0, flip_prob=0.0).set_random_state(0)
+    views = next(t for t in aug.transforms if type(t).__name__ == "PretrainingViewsd")
+    images = Path(__file__).resolve().parents[1] / "data" / "lidc_nodules_sample" / "image"
+    out = aug({"image": str(sorted(images.iterdir())[0])})
+    assert out["image"].shape == out["image_2"].shape == (1, 32, 32, 32)
+    assert views.mode_used == "resized_crop" and not torch.equal(out["image"], out["image_2"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .datalist import DICOM_EXTENSION, VOLUME_EXTENSIONS, DataSourceError, build_datalist, validate_volumes
 from .fit import available_cpus, check_batch_fits, check_roi_fits, fit_num_workers, volume_extent_mm
 from .resumable import IterationSeeder, ResumableSampler, SamplerPosition, SeededItems, derive_seed
+from .views import PretrainingViewsd, ViewMode
 from .transforms import (
     DEFAULT_SPACING,
     HU_WINDOW,
@@ -36,6 +37,8 @@ __all__ = [
     "fit_num_workers",
     "derive_seed",
     "pretraining_transforms",
+    "PretrainingViewsd",
+    "ViewMode",
     "validate_volumes",
     "volume_extent_mm",
 ]

@@ -21,7 +21,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
-    CopyItemsd,
     CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
@@ -31,13 +30,14 @@ from monai.transforms import (
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
     Transform,
 )
 from monai.utils import convert_to_numpy, ensure_tuple
+
+from dagman_components.data.views import PretrainingViewsd
 
 from dagman_components.errors import ConfigValueError
 
@@ -253,13 +253,19 @@ def pretraining_transforms(
     flip_prob: float = 0.5,
     intensity_jitter: float = 0.1,
     crop_foreground: bool = True,
+    view_mode: str = "independent",
+    view_scale: Sequence[float] = (0.3, 1.0),
+    view_region_factor: float = 1.5,
 ) -> Compose:
     """Two random views of one CT volume for DAGMaN pretraining.
 
     After :func:`ct_load_and_normalise`, the volume is optionally cropped to its foreground (voxels
     above the HU window's lower bound, i.e. > 0 after scaling; 8-voxel margin), padded to at least
-    ``roi_size`` (so small volumes work), and copied into every view key. Each view then gets its
-    own random crop of ``roi_size``, random flips along each of the three axes, and random
+    ``roi_size`` (so small volumes work), and each view key gets its own view of it
+    (:class:`~dagman_components.data.views.PretrainingViewsd`: ``view_mode`` ``independent`` an ROI crop
+    anywhere, ``resized_crop`` a random box of ``view_scale`` of the volume resized to the ROI,
+    ``region_crops`` ROI crops of one region of ``view_region_factor`` x ROI, ``auto`` resized crops
+    below twice the ROI and region crops above), random flips along each of the three axes, and random
     intensity scaling and shifting (``intensity_jitter``, probability 0.5 each; 0 turns them off).
     All randomness comes from MONAI ``Randomizable`` transforms: seed with
     ``pretraining_transforms(...).set_random_state(seed)``.
@@ -273,6 +279,9 @@ def pretraining_transforms(
         flip_prob: probability of a flip along each axis.
         intensity_jitter: range of the random scale factor (1 +/- jitter) and offset (+/- jitter).
         crop_foreground: crop to the foreground bounding box before the random crops.
+        view_mode: how the views are cut (:class:`~dagman_components.data.views.ViewMode`).
+        view_scale: ``resized_crop``: range of the views' volume fractions of the source.
+        view_region_factor: ``region_crops``: region side over ROI side.
 
     Returns:
         A ``Compose`` whose output holds every view key as a tensor of shape ``(1, *roi_size)``.
@@ -310,12 +319,11 @@ def pretraining_transforms(
                 end_coord_key=None,
             ))
     transforms.append(SpatialPadd(source, spatial_size=roi))
-    copies = [v for v in views if v != source]
-    transforms.append(CopyItemsd(source, times=len(copies), names=copies))
+    transforms.append(PretrainingViewsd(source, views, roi, mode=view_mode, scale=view_scale,
+                                        region_factor=view_region_factor))
     if source not in views:
         transforms.append(DeleteItemsd(source))
     for view in views:
-        transforms.append(RandSpatialCropd(view, roi_size=roi, random_size=False))
         transforms += [RandFlipd(view, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
         if intensity_jitter > 0:
             transforms += [
