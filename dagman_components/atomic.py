@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_save",
     "atomic_write_png",
+    "save_nifti_atomic",
 ]
 
 
@@ -123,3 +124,12 @@ def atomic_write_png(fig: Any, path: str | os.PathLike, dpi: float | None = None
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+
+
+def save_nifti_atomic(array: Any, affine: Any, path: str | os.PathLike) -> None:
+    """Write a 3D array as NIfTI (float32) with ``affine`` (4 x 4) to ``path`` atomically."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    replace_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")

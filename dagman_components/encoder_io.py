@@ -36,6 +36,7 @@ import monai
 import torch
 import torch.nn as nn
 
+from dagman_components.errors import DagmanError
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
@@ -77,7 +78,7 @@ RANDOM_WEIGHTS = "null"
 _RANDOM_LOOKALIKES = ("", "none", "null", "random", "false")
 
 
-class EncoderSettingError(ValueError):
+class EncoderSettingError(DagmanError, ValueError):
     """An encoder setting contradicts the model card, or a weights key is spelled wrongly."""
 
 

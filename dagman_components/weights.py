@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.atomic import atomic_save, atomic_write_png, atomic_write_text
+from dagman_components.errors import DagmanError
 
 __all__ = [
     "atomic_write_png",
@@ -55,7 +56,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(DagmanError, ValueError):
     """A checkpoint could not be loaded into the target network; the message names the file."""
 
 
