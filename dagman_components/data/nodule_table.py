@@ -21,7 +21,7 @@ import math
 import os
 import string
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,18 +322,31 @@ def _check_duplicates(items: Sequence[Mapping[str, Any]], csv_path: str, by_cent
 
 
 def inference_datalist(
-    source: str | os.PathLike, image_dir: str | os.PathLike | None = None, **table_kwargs: Any
+    source: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    read_table: Callable[..., list[dict[str, Any]]] | None = None,
+    **table_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Items to predict: a nodule CSV (labels optional, see :func:`read_nodule_table`) or a folder of
     nodule-centred crops (each file one case, its id the file name without extension).
+
+    Args:
+        source: a ``.csv`` file (any case of the suffix) or a folder of crops.
+        image_dir: for a CSV, the folder of its images (default: the CSV's folder).
+        read_table: the bundle's configured table reader (``read_nodule_table`` with its column
+            settings, ``_mode_: callable``), called as ``read_table(source, image_dir, require_labels=False)``;
+            default: :func:`read_nodule_table` with ``table_kwargs``.
+        table_kwargs: column settings for the default reader.
 
     Raises:
         NoduleTableError: as :func:`read_nodule_table`.
         dagman_components.data.DataSourceError: for a folder without volumes.
     """
     source = str(source)
-    if os.path.isfile(source) and source.lower().endswith(".csv"):
-        return read_nodule_table(source, image_dir, require_labels=False, **table_kwargs)
+    if source.lower().endswith(".csv"):
+        if read_table is None:
+            return read_nodule_table(source, image_dir, require_labels=False, **table_kwargs)
+        return read_table(source, image_dir, require_labels=False)
     items = build_datalist(source)
     for it in items:
         name = os.path.basename(os.path.normpath(it["image"]))
