@@ -10,7 +10,6 @@ no temporary file behind.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,7 +20,6 @@ __all__ = [
     "replace_atomically",
     "atomic_write_bytes",
     "atomic_write_text",
-    "atomic_write_json",
     "atomic_save",
     "atomic_write_png",
     "save_nifti_atomic",
@@ -88,11 +86,6 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write UTF-8 text to ``path`` atomically."""
     replace_atomically(path, _write_bytes_to(text.encode("utf-8")))
-
-
-def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
-    atomic_write_text(json.dumps(obj, indent=indent) + "\n", path)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
