@@ -101,7 +101,7 @@ def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path)
     assert float(rows[1]["auc_global"]) == pytest.approx(probe.aucs["global"][1], abs=1e-5)
 
 
-def test_auc_equals_a_direct_scikit_learn_recomputation(tmp_path):
+def test_auc_equals_a_direct_scikit_learn_recomputation_of_the_balanced_probe(tmp_path):
     net = _network(seed=1)
     probe = _probe(tmp_path, network=net, interval=0)
     engine = _engine()
@@ -121,7 +121,7 @@ def test_auc_equals_a_direct_scikit_learn_recomputation(tmp_path):
         aucs = []
         for test in folds:
             train = np.setdiff1d(np.arange(len(labels)), test)
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0))
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=10000))
             aucs.append(roc_auc_score(labels[test], clf.fit(x[train], labels[train]).predict_proba(x[test])[:, 1]))
         assert probe.aucs[token][0] == pytest.approx(np.mean(aucs), abs=1e-6)
         assert probe.aucs[token][1] == probe.aucs[token][0]  # deterministic: same weights, same number

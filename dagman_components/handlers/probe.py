@@ -2,8 +2,9 @@
 
 The pretraining loss says little about the downstream value of the features. This handler embeds
 a small labelled nodule set (the LIDC layout: ``nodules.csv`` + ``image/``) with the frozen
-teacher encoder every ``interval`` iterations, scores the ``cls`` and ``global`` tokens with a
-standardised logistic regression (or kNN) in patient-grouped stratified folds and records the
+teacher encoder every ``interval`` iterations, scores the ``cls`` and ``global`` tokens with the
+project's one linear probe (:mod:`dagman_components.probing`: standardised, balanced logistic
+regression fitted to its optimum; or kNN) in patient-grouped stratified folds and records the
 mean test ROC AUC over the folds, with the random-init baseline at iteration 0. It is off unless
 added to the trainer's handlers (``configs/probe.yaml`` of the pretraining bundle does so).
 
@@ -36,6 +37,7 @@ from dagman_components.data import HU_WINDOW
 from dagman_components.distributed import is_main_process
 from dagman_components.frozen_features import frozen_features, image_batches, module_device
 from dagman_components.networks.pretrain import unwrap
+from dagman_components.probing import CLASSIFIERS, DEFAULT_C, ProbeScores, probe_auc, probe_scores
 from dagman_components.handlers.curves import CurveHistory, CurveWriter
 
 __all__ = [
@@ -48,12 +50,10 @@ __all__ = [
     "probe_scores",
     "ProbeScores",
     "ProbeCurveWriter",
-]
+]  # CLASSIFIERS, probe_auc, probe_scores and ProbeScores are dagman_components.probing's, re-exported
 
 logger = logging.getLogger(__name__)
 
-#: The classifiers a probe can fit on the frozen features.
-CLASSIFIERS: tuple[str, ...] = ("logistic", "knn")
 #: Config key of the labelled folder, named in every error about it.
 _DIR_KEY = "probe_dir"
 
@@ -128,105 +128,6 @@ def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source
             f"patient-grouped folds, but its {len(items)} nodule(s) come from {counts[1]} patient(s) with a malignant "
             f"and {counts[0]} with a benign nodule. Point {_DIR_KEY} at a larger set, raise max_cases or lower n_folds."
         )
-
-
-def _make_classifier(classifier: str, n_train: int, C: float, max_iter: int, n_neighbors: int,
-                     class_weight: str | None, seed: int) -> Any:
-    """A fresh StandardScaler + classifier pipeline (LogisticRegression or kNN)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if classifier == "knn":
-        model = KNeighborsClassifier(n_neighbors=max(1, min(int(n_neighbors), n_train)))
-    else:
-        model = LogisticRegression(C=float(C), max_iter=int(max_iter), class_weight=class_weight, random_state=seed)
-    return make_pipeline(StandardScaler(), model)
-
-
-@dataclass
-class ProbeScores:
-    """Out-of-fold results of a probe.
-
-    Attributes:
-        scores: (N,) malignancy probability of each case from the fold that held it out (NaN for
-            the cases of skipped folds).
-        fold_aucs: test ROC AUC of each scored fold, in fold order.
-        scored: mask (N,) of the cases that have a score.
-    """
-
-    scores: np.ndarray
-    fold_aucs: list[float]
-    scored: np.ndarray
-
-
-def probe_scores(
-    features: np.ndarray,
-    labels: np.ndarray,
-    folds: Sequence[np.ndarray],
-    classifier: str = "logistic",
-    C: float = 1.0,
-    max_iter: int = 2000,
-    n_neighbors: int = 10,
-    class_weight: str | None = None,
-    seed: int = 0,
-) -> ProbeScores:
-    """Cross-validated scores of a classifier fitted on standardised frozen features.
-
-    For each fold, StandardScaler + the classifier are fitted on the other folds and the test
-    fold's malignancy probabilities are scored with ``sklearn.metrics.roc_auc_score``. Folds whose
-    test or training part lacks a class are skipped (with a warning).
-
-    Args:
-        features: (N, C) features.
-        labels: (N,) 0 / 1 labels.
-        folds: test indices of each fold (a partition of ``range(N)``).
-        classifier: ``"logistic"`` (LogisticRegression) or ``"knn"`` (KNeighborsClassifier, the
-            share of malignant neighbours as the score).
-        C: inverse L2 strength of the logistic regression.
-        max_iter: iterations of the logistic regression's solver.
-        n_neighbors: k of the kNN (capped at the training size).
-        class_weight: the logistic regression's ``class_weight`` (``None`` or ``"balanced"``).
-        seed: ``random_state`` of the logistic regression.
-
-    Returns:
-        The out-of-fold scores and the AUC of each scored fold; no fold is scored when the
-        features are not finite.
-
-    Raises:
-        ValueError: for an unknown ``classifier``.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
-    x, y = np.asarray(features, dtype=np.float64), np.asarray(labels).astype(int)
-    result = ProbeScores(scores=np.full(len(y), np.nan), fold_aucs=[], scored=np.zeros(len(y), bool))
-    if not np.isfinite(x).all():
-        logger.warning("probe: the features are not finite (diverged weights?); AUC set to NaN")
-        return result
-    for k, test in enumerate(folds):
-        train = np.setdiff1d(np.arange(len(y)), test)
-        if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
-            logger.warning("probe: fold %d lacks a class in its test or training part; skipped", k)
-            continue
-        model = _make_classifier(classifier, len(train), C, max_iter, n_neighbors, class_weight, seed)
-        model.fit(x[train], y[train])
-        result.scores[test] = model.predict_proba(x[test])[:, 1]
-        result.scored[test] = True
-        result.fold_aucs.append(float(roc_auc_score(y[test], result.scores[test])))
-    return result
-
-
-def probe_auc(features: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarray], **kwargs: Any) -> float:
-    """Mean test ROC AUC over the folds of :func:`probe_scores` (same arguments).
-
-    Returns:
-        The mean AUC, or NaN when the features are not finite or no fold could be scored.
-    """
-    aucs = probe_scores(features, labels, folds, **kwargs).fold_aucs
-    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 class ProbeCurveWriter(CurveWriter):
@@ -314,10 +215,9 @@ class FrozenFeatureProbe:
         hu_window: HU window scaled to [0, 1] (the pretraining one).
         n_folds: patient-grouped stratified folds.
         classifier: ``"logistic"`` (default) or ``"knn"``.
-        C: inverse L2 strength of the logistic regression.
-        max_iter: iterations of the logistic regression.
+        C: inverse L2 strength of the logistic probe
+            (:func:`~dagman_components.probing.fit_logistic_probe`, balanced classes).
         n_neighbors: k of the kNN classifier.
-        class_weight: ``class_weight`` of the logistic regression (``None`` or ``"balanced"``).
         batch_size: images per forward pass.
         max_cases: keep a seeded, label-stratified subset of whole patients of about this many
             nodules (:func:`select_cases`); ``None`` keeps all.
@@ -352,10 +252,8 @@ class FrozenFeatureProbe:
         hu_window: Sequence[float] = HU_WINDOW,
         n_folds: int = 3,
         classifier: str = "logistic",
-        C: float = 1.0,
-        max_iter: int = 2000,
+        C: float = DEFAULT_C,
         n_neighbors: int = 10,
-        class_weight: str | None = None,
         batch_size: int = 16,
         max_cases: int | None = None,
         tokens: Sequence[str] = ("cls", "global"),
@@ -372,8 +270,7 @@ class FrozenFeatureProbe:
         self.png_path = Path(png_path) if png_path is not None else None
         self.roi_size, self.spacing, self.hu_window = roi_size, spacing, hu_window
         self.n_folds = int(n_folds)
-        self.classifier, self.C, self.max_iter = classifier, float(C), int(max_iter)
-        self.n_neighbors, self.class_weight = int(n_neighbors), class_weight
+        self.classifier, self.C, self.n_neighbors = classifier, float(C), int(n_neighbors)
         self.batch_size, self.max_cases = int(batch_size), max_cases
         self.tokens = [str(t) for t in tokens]
         self.seed = int(seed)
@@ -471,8 +368,7 @@ class FrozenFeatureProbe:
         """
         d = self.data
         return {t: probe_auc(features[t], d.labels, d.folds, classifier=self.classifier, C=self.C,
-                             max_iter=self.max_iter, n_neighbors=self.n_neighbors, class_weight=self.class_weight,
-                             seed=self.seed) for t in self.tokens}
+                             n_neighbors=self.n_neighbors) for t in self.tokens}
 
     def run_probe(self, engine: Engine) -> dict[str, Any]:
         """Probe now, record the result and report it (files, state, scalars, log).
