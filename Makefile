@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUNDLE := bundles/dagman_ct_pretraining
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo lint test clean-demo
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ demo: $(VENV)/.installed
 	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/demo.yaml','$(BUNDLE)/configs/probe.yaml']" \
 		--bundle_root $(BUNDLE) --logging_file $(BUNDLE)/configs/logging.conf
 
-test: $(VENV)/.installed
+# The layers and the lint rules (setup.cfg [importlinter], pyproject.toml [tool.ruff]): a core module that imports a
+# task package fails here with the import named (module -> module, line); then every test.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check --no-cache .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:

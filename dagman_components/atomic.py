@@ -10,7 +10,6 @@ no temporary file behind.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,9 +20,9 @@ __all__ = [
     "replace_atomically",
     "atomic_write_bytes",
     "atomic_write_text",
-    "atomic_write_json",
     "atomic_save",
     "atomic_write_png",
+    "save_nifti_atomic",
 ]
 
 
@@ -89,11 +88,6 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     replace_atomically(path, _write_bytes_to(text.encode("utf-8")))
 
 
-def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
-    atomic_write_text(json.dumps(obj, indent=indent) + "\n", path)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     import torch
@@ -123,3 +117,12 @@ def atomic_write_png(fig: Any, path: str | os.PathLike, dpi: float | None = None
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+
+
+def save_nifti_atomic(array: Any, affine: Any, path: str | os.PathLike) -> None:
+    """Write a 3D array as NIfTI (float32) with ``affine`` (4 x 4) to ``path`` atomically."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    replace_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")

@@ -55,6 +55,7 @@ import jsonschema
 import yaml
 
 from dagman_components.atomic import atomic_write_bytes, replace_atomically
+from dagman_components.errors import DagmanError
 from dagman_components.progress import progress
 
 __all__ = [
@@ -91,7 +92,7 @@ _CHUNK = 1 << 20
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed time stamps: the same bundle gives the same zip bytes
 
 
-class BundleCheckError(ValueError):
+class BundleCheckError(DagmanError, ValueError):
     """A bundle failed :func:`check_bundle`; ``problems`` lists what is wrong, one string each."""
 
     def __init__(self, bundle_dir: str | os.PathLike, problems: Sequence[str]):
@@ -100,7 +101,7 @@ class BundleCheckError(ValueError):
         super().__init__(f"bundle {self.bundle_dir} has {len(self.problems)} problem(s):\n- " + "\n- ".join(problems))
 
 
-class LargeFileUrlError(ValueError):
+class LargeFileUrlError(DagmanError, ValueError):
     """A file left out of the zip (over ``max_file_mb``) has no download url; ``paths`` names them."""
 
     def __init__(self, bundle_dir: str | os.PathLike, paths: Sequence[str], max_file_mb: float):

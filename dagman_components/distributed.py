@@ -25,7 +25,9 @@ def is_main_process() -> bool:
 
 
 class HandlerGroup:
-    """Several engine handlers attached as one list entry, in order; optionally on rank 0 only.
+    """Several engine handlers attached as one list entry, in order; optionally on rank 0 only: the one
+    rank-0 policy of the bundles (the config says which handlers run where; a handler that writes files
+    may still check :func:`is_main_process` itself as a safeguard).
 
     MONAI's ``ConfigWorkflow.check_properties()`` reads ``train#handlers`` as a list of components
     (each a dict with ``_target_``). A bundle that keeps its handlers in separate lists (every
@@ -35,19 +37,30 @@ class HandlerGroup:
     Args:
         handlers: objects with ``attach(engine)``, attached in this order.
         main_process_only: attach them on rank 0 only (:func:`is_main_process`, checked at ``attach``).
+        main_process_types: handler types attached on rank 0 only while the others attach everywhere
+            (for a handler list a config cannot split, e.g. one MONAI Label rewrites).
 
     Example:
         >>> group = HandlerGroup([], main_process_only=True)
         >>> group.attach(None)  # nothing to attach
     """
 
-    def __init__(self, handlers: Sequence[Any], main_process_only: bool = False) -> None:
-        self.handlers = list(handlers)
+    def __init__(self, handlers: Sequence[Any] | None, main_process_only: bool = False,
+                 main_process_types: Sequence[type] = ()) -> None:
+        self.handlers = list(handlers or [])
         self.main_process_only = bool(main_process_only)
+        self.main_process_types = tuple(main_process_types)
+
+    def for_this_process(self) -> list[Any]:
+        """The handlers this process attaches: all on rank 0; on the others none (``main_process_only``)
+        or those that are not of ``main_process_types``."""
+        if is_main_process():
+            return list(self.handlers)
+        if self.main_process_only:
+            return []
+        return [h for h in self.handlers if not isinstance(h, self.main_process_types)]
 
     def attach(self, engine: Any) -> None:
-        """Attach every handler to ``engine`` (none on ranks other than 0 when ``main_process_only``)."""
-        if self.main_process_only and not is_main_process():
-            return
-        for handler in self.handlers:
+        """Attach :meth:`for_this_process`'s handlers to ``engine``, in order."""
+        for handler in self.for_this_process():
             handler.attach(engine)

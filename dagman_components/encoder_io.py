@@ -17,6 +17,9 @@ bundles, the comparison scripts and the diversity report go through this module:
 - :func:`load_encoder_weights`: the one loading policy: every encoder tensor of the target must be
   found with its shape, and the file may hold nothing else than the parts the target leaves out by
   design (``unused_prefixes``); ``key_prefix`` says where the encoder sits in the target;
+- :func:`with_encoder_weights`: the one name a bundle config uses, when it builds its ``network``
+  (the one moment weights are loaded): the policy above, or random weights for ``null``, and the
+  network back;
 - :func:`weights_or_random`: the one spelling of "start from random weights", ``null`` (in YAML and
   on the command line); ``''``, ``'none'``, ``'random'``, ``'false'`` are refused;
 - :func:`prepare_encoder`: all of the above plus :func:`freeze`, for frozen-feature users;
@@ -36,6 +39,7 @@ import monai
 import torch
 import torch.nn as nn
 
+from dagman_components.errors import DagmanError
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
@@ -55,7 +59,9 @@ __all__ = [
     "build_encoder",
     "weights_or_random",
     "require_weights",
+    "encoder_weights_folder",
     "load_encoder_weights",
+    "with_encoder_weights",
     "freeze",
     "prepare_encoder",
 ]
@@ -77,7 +83,7 @@ RANDOM_WEIGHTS = "null"
 _RANDOM_LOOKALIKES = ("", "none", "null", "random", "false")
 
 
-class EncoderSettingError(ValueError):
+class EncoderSettingError(DagmanError, ValueError):
     """An encoder setting contradicts the model card, or a weights key is spelled wrongly."""
 
 
@@ -304,6 +310,27 @@ def weights_or_random(value: str | os.PathLike | None, key: str) -> str | None:
     return os.fspath(value)
 
 
+#: The pretraining bundle's folder name: a downstream bundle beside it finds the encoder weights there.
+PRETRAINING_BUNDLE = "dagman_ct_pretraining"
+
+
+def encoder_weights_folder(bundle_root: str | os.PathLike) -> str:
+    """Where a frozen-encoder bundle finds its encoder ``model.pt``: its own ``models/`` when that holds
+    one (a packaged or zoo copy), else the pretraining bundle's ``models/`` beside it.
+
+    Args:
+        bundle_root: the bundle's folder.
+
+    Returns:
+        ``<bundle_root>/models`` or ``<bundle_root>/../dagman_ct_pretraining/models`` (the path as joined,
+        not resolved).
+    """
+    own = os.path.join(bundle_root, "models")
+    if os.path.isfile(os.path.join(own, "model.pt")):
+        return own
+    return os.path.join(bundle_root, "..", PRETRAINING_BUNDLE, "models")
+
+
 def require_weights(path: str | os.PathLike, made_by: str = PRETRAINING_COMMAND, key: str | None = None) -> str:
     """Return ``path`` when the file exists, else fail naming the command that makes it.
 
@@ -357,6 +384,42 @@ def load_encoder_weights(
             f"it was made with other settings (e.g. deeper stages). Use the settings of its model card."
         )
     return report
+
+
+def with_encoder_weights(
+    network: nn.Module,
+    weights: str | os.PathLike | None,
+    key: str,
+    key_prefix: str = "",
+    unused_prefixes: tuple[str, ...] = (),
+) -> nn.Module:
+    """Load encoder ``weights`` into ``network`` as it is built, and return it: the form bundle configs use.
+
+    ``network: $dagman_components.encoder_io.with_encoder_weights(@network_def, @pretrained_path,
+    key='pretrained_path', key_prefix='encoder.').to(@device)``: the weights load when the network is
+    built, before anything (a feature cache, an optimizer) uses it.
+
+    Args:
+        network: the network (a ``DistributedDataParallel`` wrapper is looked through), filled in place.
+        weights: a ``model.pt`` or full pretraining checkpoint; ``None`` / ``"null"``: random weights,
+            logged as a warning (:func:`weights_or_random`).
+        key: the config key of ``weights``, named in messages.
+        key_prefix: where the encoder sits in ``network`` (``""``, ``"encoder."``, ``"swinViT."``).
+        unused_prefixes: file tensors that may stay unused (see :func:`load_encoder_weights`).
+
+    Returns:
+        ``network`` itself.
+
+    Raises:
+        FileNotFoundError, EncoderSettingError, dagman_components.weights.WeightLoadError: as
+            :func:`weights_or_random`, :func:`require_weights` and :func:`load_encoder_weights`.
+    """
+    path = weights_or_random(weights, key)
+    if path is not None:
+        require_weights(path, key=key)
+        target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+        load_encoder_weights(target, path, key_prefix=key_prefix, unused_prefixes=unused_prefixes)
+    return network
 
 
 def freeze(encoder: nn.Module) -> nn.Module:

@@ -5,8 +5,8 @@
 A bundle config calls :func:`install_excepthook` as the first item of its ``initialize`` list. From then
 on an uncaught *known* error ends the process (exit status 1) with one short block on stderr: what
 is wrong, which file or config key, what to do, and which config expression was being evaluated.
-Known errors are the project's own error classes (:class:`ConfigValueError`, ``DataSourceError``,
-``WeightLoadError``, ...), ``ValueError`` / ``OSError`` / ``RuntimeError`` raised by
+Known errors are the project's own errors (subclasses of :class:`DagmanError`: :class:`ConfigValueError`,
+``DataSourceError``, ``WeightLoadError``, ...), ``ValueError`` / ``OSError`` / ``RuntimeError`` raised by
 ``dagman_components`` code, missing, unreadable or unwritable files, a full disk, and torch's
 ``Error(s) in loading state_dict``, which is summarised as counts and the first few keys instead
 of hundreds of lines. Any other error keeps
@@ -31,6 +31,7 @@ from typing import Any
 
 __all__ = [
     "DEBUG_ENV",
+    "DagmanError",
     "ConfigValueError",
     "shorten_log_record",
     "find_known_error",
@@ -55,7 +56,17 @@ _previous_hook = None
 _previous_factory = logging.getLogRecordFactory()
 
 
-class ConfigValueError(ValueError):
+class DagmanError(Exception):
+    """The base of every error this project raises on purpose (bad input, a setting that cannot be used).
+
+    Each package defines its own subclass beside the code that raises it (``DataSourceError`` in
+    ``data``, ``WeightLoadError`` in ``weights``, ``NoduleTableError`` in ``classification``, ...),
+    usually also deriving from the built-in error it stands for (``ValueError``, ``RuntimeError``).
+    :func:`install_excepthook` reports any ``DagmanError`` as a short block; no list of names is kept here.
+    """
+
+
+class ConfigValueError(DagmanError, ValueError):
     """A bundle setting cannot be used; the message names the config key and the values it accepts."""
 
 
@@ -66,18 +77,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
-
-
-def _own_error_types() -> tuple[type[BaseException], ...]:
-    from dagman_components.bundle_tools import BundleCheckError
-    from dagman_components.classification.table import NoduleTableError
-    from dagman_components.clustering.organ_npz import OrganDataError
-    from dagman_components.data.datalist import DataSourceError
-    from dagman_components.engines.co_distillation_trainer import NonFiniteLossError
-    from dagman_components.weights import WeightLoadError
-
-    return (ConfigValueError, DataSourceError, WeightLoadError, NoduleTableError, OrganDataError, BundleCheckError,
-            NonFiniteLossError)
 
 
 def _raised_by_us(exc: BaseException) -> bool:
@@ -91,7 +90,7 @@ def _raised_by_us(exc: BaseException) -> bool:
 
 
 def _is_known(exc: BaseException) -> bool:
-    if isinstance(exc, _own_error_types()):
+    if isinstance(exc, DagmanError):
         return True
     if isinstance(exc, OSError) and exc.errno in _FILE_ERRNOS:
         return True

@@ -37,8 +37,7 @@ from monai.data import Dataset, MetaTensor
 from monai.inferers import SimpleInferer
 from monai.transforms import Compose, DivisiblePadd, Invertd, ResizeWithPadOrCropd
 
-from dagman_components.atomic import atomic_write_text, replace_atomically
-from dagman_components.classification.attention import save_nifti_atomic
+from dagman_components.atomic import atomic_write_text, replace_atomically, save_nifti_atomic
 from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, check_roi_size, ct_load_and_normalise
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.progress import progress

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.atomic import atomic_save, atomic_write_png, atomic_write_text
+from dagman_components.errors import DagmanError
 
 __all__ = [
     "atomic_write_png",
@@ -55,7 +56,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(DagmanError, ValueError):
     """A checkpoint could not be loaded into the target network; the message names the file."""
 
 
@@ -150,8 +151,7 @@ def load_pretrained_encoder(
     target: nn.Module,
     path: str | os.PathLike,
     key_prefix: str = "",
-    min_loaded_fraction: float = 0.9,
-    exclude_prefixes: tuple[str, ...] = (),
+    min_loaded_fraction: float = 1.0,
 ) -> LoadReport:
     """Load DAGMaN encoder weights into ``target`` (or its part named by ``key_prefix``) and report.
 
@@ -167,9 +167,8 @@ def load_pretrained_encoder(
         key_prefix: where the encoder lives in ``target``: ``""`` for a bare
             :class:`~dagman_components.networks.SwinDAGMaN`, ``"swinViT."`` for MONAI's ``SwinUNETR``,
             ``"encoder."`` for a network that holds the encoder as ``encoder``.
-        min_loaded_fraction: the smallest acceptable share of the target's encoder tensors loaded.
-        exclude_prefixes: target keys (after ``key_prefix``) never counted as missing (e.g. a
-            downstream head that the pretraining did not have).
+        min_loaded_fraction: the smallest acceptable share of the target's encoder tensors loaded
+            (the project's rule: all of them, 1.0).
 
     Returns:
         A :class:`LoadReport`.
@@ -184,7 +183,6 @@ def load_pretrained_encoder(
     source = extract_state_dict(checkpoint)
     own = target.state_dict()
     wanted = {k[len(key_prefix) :]: k for k in own if k.startswith(key_prefix)}
-    wanted = {k: v for k, v in wanted.items() if not (exclude_prefixes and k.startswith(tuple(exclude_prefixes)))}
     report = LoadReport(path=path)
     update = {}
     mismatched = []

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagman_components.classification import cv_split
     from dagman_components.classification import encoder_comparison as ec
     from dagman_components.encoder_io import card_path, prepare_encoder
-    from dagman_components.handlers.curves import pyplot
+    from dagman_components.visualize.backend import pyplot
     from dagman_components.probing import fit_logistic_probe
 
     args = parse_args(argv)

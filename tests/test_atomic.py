@@ -20,7 +20,7 @@ from dagman_components import atomic  # noqa: E402
 def test_writers_write_what_they_are_given(tmp_path):
     atomic.atomic_write_bytes(b"\x00\x01", tmp_path / "a.bin")
     atomic.atomic_write_text("héllo", tmp_path / "sub" / "a.txt")  # the folder is created
-    atomic.atomic_write_json({"k": [1, 2]}, tmp_path / "a.json")
+    atomic.atomic_write_text(json.dumps({"k": [1, 2]}), tmp_path / "a.json")
     atomic.atomic_save({"w": torch.arange(3)}, tmp_path / "a.pt")
     fig = plt.figure(figsize=(1, 1))
     atomic.atomic_write_png(fig, tmp_path / "a.png", dpi=20, close=True)

@@ -486,3 +486,27 @@ def test_pickled_objects_refused_by_torch_itself_get_our_words(tmp_path):
     block = format_error_block(info.value)
     assert block is not None and str(path) in block and "pickled Python objects" in block
     assert "weights_only=False" not in block and len(block.splitlines()) < MAX_BLOCK_LINES
+
+
+def test_every_error_class_of_the_package_derives_from_the_one_base():
+    """One base class, no registry of names: each module's own error classes derive from DagmanError, so the
+    short report knows them without errors.py importing any package (the core imports no task package)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import dagman_components
+    from dagman_components.errors import DagmanError, format_error_block
+
+    found = {}
+    for info in pkgutil.walk_packages(dagman_components.__path__, "dagman_components."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == info.name:
+                found[f"{info.name}.{name}"] = obj
+    assert len(found) >= 11, sorted(found)
+    assert [n for n, cls in found.items() if not issubclass(cls, DagmanError)] == []
+    from dagman_components.clustering.organ_npz import OrganDataError
+
+    block = format_error_block(OrganDataError("organ crops 'x.npz' hold no labels"))  # raised outside the package
+    assert block.startswith("ERROR (OrganDataError): organ crops 'x.npz' hold no labels")

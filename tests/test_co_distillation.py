@@ -101,7 +101,7 @@ def test_uniform_teacher_raises_the_alarm_after_warmup_and_patience(caplog):
     alarm.attach(engine)
     with caplog.at_level(logging.WARNING):
         engine.run(range(12), max_epochs=1)
-    assert engine.state.collapse_alarms == [(6, "aitd", "uniform")]  # first step after warm-up, streak >= 3
+    assert alarm.alarms == [(6, "aitd", "uniform")]  # first step after warm-up, streak >= 3
     messages = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
     assert len(messages) == 1 and "AITD" in messages[0] and "uniform collapse" in messages[0]
     assert "teacher_temp" in messages[0]  # says what to try
@@ -118,7 +118,28 @@ def test_no_alarm_below_the_threshold_or_before_patience_and_again_after_recover
     alarm.attach(engine)
     with caplog.at_level(logging.WARNING):
         engine.run(range(len(seq)), max_epochs=1)
-    assert engine.state.collapse_alarms == [(9, "gitd", "uniform"), (14, "gitd", "uniform")]
+    assert alarm.alarms == [(9, "gitd", "uniform"), (14, "gitd", "uniform")]
+
+
+def test_alarm_fires_its_event_and_a_resumed_alarm_continues_the_episode():
+    """The alarms stay on the handler and reach a logger through DiagnosticEvents.COLLAPSE_ALARM; a handler
+    restored from state_dict mid-episode does not report the same episode again."""
+    from dagman_components.handlers import DiagnosticEvents
+
+    collapsed = [_scalars(0.99 * math.log(K))] * 6
+    alarm = CollapseAlarm(num_prototypes=K, warmup_iterations=0, patience=2, terms=("gitd",))
+    engine = _alarm_engine(collapsed[:3])
+    alarm.attach(engine)
+    fired = []
+    engine.add_event_handler(DiagnosticEvents.COLLAPSE_ALARM, lambda e: fired.append(list(alarm.alarms)))
+    engine.run(range(3), max_epochs=1)
+    assert fired == [[(2, "gitd", "uniform")]] and not hasattr(engine.state, "collapse_alarms")
+    resumed = CollapseAlarm(num_prototypes=K, warmup_iterations=0, patience=2, terms=("gitd",))
+    resumed.load_state_dict(alarm.state_dict())
+    later = _alarm_engine(collapsed)
+    resumed.attach(later)
+    later.run(range(6), max_epochs=1)
+    assert resumed.alarms == [(2, "gitd", "uniform")]  # the episode goes on: no second report
 
 
 def test_feature_collapse_alarm_names_the_term():
@@ -127,7 +148,7 @@ def test_feature_collapse_alarm_names_the_term():
     engine = _alarm_engine(seq)
     alarm.attach(engine)
     engine.run(range(4), max_epochs=1)
-    assert engine.state.collapse_alarms == [(2, "ampd", "feature")]
+    assert alarm.alarms == [(2, "ampd", "feature")]
     assert "AMPD: feature collapse" in alarm.message("ampd", "feature", seq[0], 2)
 
 
@@ -147,7 +168,7 @@ def test_one_hot_collapse_is_seen_in_the_batch_entropy(caplog):
     alarm.attach(engine)
     with caplog.at_level(logging.WARNING):
         engine.run(range(5), max_epochs=1)
-    assert engine.state.collapse_alarms == [(4, "aitd", "one_hot")]
+    assert alarm.alarms == [(4, "aitd", "one_hot")]
     assert "one-hot collapse" in caplog.text and "higher teacher temperature" in caplog.text
 
 
@@ -192,7 +213,7 @@ def _train(loader, accumulate_steps: int, student, teacher, amp: bool = False, m
         teacher_amp=teacher_amp,
         freeze_last_layer_iterations=freeze_last_layer_iterations,
         teacher_temp=teacher_temperature_schedule(0.07, 0.04, warmup_steps=3, total_steps=total),
-        teacher_momentum=momentum, train_handlers=[TeacherEMAHandler(teacher, momentum)], seed=0,
+        teacher_momentum=momentum, train_handlers=[TeacherEMAHandler(teacher, momentum, student=student)], seed=0,
     )
     steps = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(

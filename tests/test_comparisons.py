@@ -12,6 +12,7 @@ from conftest import DATA, REPO, TINY_ENCODER, imported_script
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
+from dagman_components.handlers import DiagnosticEvents
 from dagman_components.handlers.attention_diversity import AttentionDiversityHandler
 from dagman_components.metrics.diversity_report import (
     diversity_report,
@@ -91,7 +92,10 @@ def test_handler_logs_per_stage_every_n_epochs():
     image = torch.rand(1, 1, 32, 32, 32)
     writer = _Writer()
     engine = Engine(lambda e, b: None)
-    AttentionDiversityHandler(net, interval=2, images=image, summary_writer=writer).attach(engine)
+    handler = AttentionDiversityHandler(net, interval=2, images=image, summary_writer=writer)
+    handler.attach(engine)
+    fired = []
+    engine.add_event_handler(DiagnosticEvents.ATTENTION_DIVERSITY, lambda e: fired.append(handler.epoch))
     engine.run([0], max_epochs=5)
     assert sorted({s for _, _, s in writer.scalars}) == [2, 4]
     tags = {t for t, _, s in writer.scalars if s == 2}
@@ -101,7 +105,8 @@ def test_handler_logs_per_stage_every_n_epochs():
     assert logged["diversity/stage1/distance_entropy_bits"] == pytest.approx(expected[1]["distance_entropy_bits"])
     assert logged["diversity/stage2/mean_distance"] == pytest.approx(np.mean(expected[2]["per_head_mean_distance"]))
     assert net.training  # the student's mode is restored
-    assert engine.state.attention_diversity["stage4"]["volumes"] == 1
+    assert handler.summary["stage4"]["volumes"] == 1 and fired == [2, 4]
+    assert not hasattr(engine.state, "attention_diversity")  # the result stays on the handler
 
 
 def test_handler_is_off_by_default_and_the_override_file_adds_it(tmp_path):

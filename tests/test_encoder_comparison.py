@@ -4,7 +4,6 @@ scripts/evaluate_encoders.py)."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path

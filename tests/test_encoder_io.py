@@ -209,3 +209,38 @@ def test_inference_without_weights_names_the_training_command(tmp_path, bundle, 
     text = _cause_chain(err.value)
     assert f"{tmp_path / bundle / 'models' / 'model.pt'}' do not exist yet" in text
     assert "made by this bundle's training (configs/train.yaml" in text
+
+
+def test_with_encoder_weights_loads_every_tensor_as_the_network_is_built(demo_weights, caplog):
+    """The one name configs use: the weights are in the returned network (nested under a prefix here), null
+    gives the random network back with a warning, and a missing file names the config key."""
+    from dagman_components.encoder_io import with_encoder_weights
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = SwinDAGMaN(**DEMO_LIKE)
+
+    torch.manual_seed(1)
+    net = Holder()
+    assert with_encoder_weights(net, demo_weights, key="pretrained_path", key_prefix="encoder.") is net
+    shipped = torch.load(demo_weights, weights_only=True)
+    assert all(torch.equal(net.encoder.state_dict()[k], v) for k, v in shipped.items())
+    random_net = Holder()
+    before = {k: v.clone() for k, v in random_net.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="dagman_components.encoder_io"):
+        assert with_encoder_weights(random_net, "null", key="pretrained_path", key_prefix="encoder.") is random_net
+    assert all(torch.equal(random_net.state_dict()[k], v) for k, v in before.items())
+    assert "pretrained_path is null" in caplog.text
+    with pytest.raises(FileNotFoundError, match="config key 'pretrained_path'"):
+        with_encoder_weights(Holder(), demo_weights.parent / "absent.pt", key="pretrained_path", key_prefix="encoder.")
+
+
+def test_encoder_weights_folder_prefers_the_bundles_own_weights(tmp_path):
+    from dagman_components.encoder_io import encoder_weights_folder
+
+    bundle = tmp_path / "dagman_organ_ct_clustering"
+    (bundle / "models").mkdir(parents=True)
+    assert encoder_weights_folder(str(bundle)) == str(bundle / ".." / "dagman_ct_pretraining" / "models")
+    (bundle / "models" / "model.pt").write_bytes(b"")
+    assert encoder_weights_folder(str(bundle)) == str(bundle / "models")

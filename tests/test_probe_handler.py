@@ -218,7 +218,6 @@ def test_override_config_adds_the_probe_to_the_trainer_handlers(tmp_path):
     handlers = [h for group in parser.get_parsed_content("train#handlers") for h in group.handlers]
     probes = [h for h in handlers if isinstance(h, FrozenFeatureProbe)]
     assert len(probes) == 1
-    from dagman_components.handlers import TeacherEMAHandler
     from monai.handlers import TensorBoardStatsHandler
 
     at = {type(h): i for i, h in enumerate(handlers)}  # attached in list order: EMA, probe, TensorBoard

@@ -85,20 +85,59 @@ def test_optimizer_schedule_sets_lr_and_decay_per_optimizer_step_and_spares_unde
         OptimizerSchedule(opt, weight_decay=[-0.1, 0.4])
 
 
-def test_precomputed_schedules_equal_the_per_step_rules():
-    """The arrays hold what LambdaLR with WarmupCosineFactor, ema_momentum and the temperature warm-up
-    gave per step, bit for bit (pretraining numbers unchanged), indexed by the 1-based optimizer step."""
-    factor = WarmupCosineFactor(total_iterations=12, warmup_iterations=3, min_factor=1e-3)
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=8e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    lr = warmup_cosine_schedule(8e-4, 12, 3, 1e-3)
-    for iteration in range(1, 13):  # LambdaLR stepped after each iteration
-        assert value_at(lr, iteration) == opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-    momentum = teacher_momentum_schedule(0.996, 1.0, 12)
-    assert [value_at(momentum, i) for i in range(1, 13)] == [ema_momentum(i - 1, 12) for i in range(1, 13)]
-    assert value_at(momentum, 99) == momentum[-1]
+def _student_at_step(student: nn.Module):
+    """An Ignite process function standing in for the optimizer: at 1-based step i the student's weight is i."""
+
+    def step(engine, batch):
+        with torch.no_grad():
+            student.weight.fill_(float(engine.state.iteration))
+
+    return step
+
+
+def test_ema_teacher_after_k_steps_of_a_known_schedule_and_after_a_resume():
+    """TeacherEMAHandler on an Ignite engine: 3 steps of the cosine momentum schedule 0 -> 1 over 3 steps,
+    whose values are 0, 1/4, 3/4 (DINO's cosine at k/K = 0, 1/3, 2/3), with a student whose weight is i at
+    step i. By hand: t1 = 0 * 0 + 1 * 1 = 1; t2 = 1/4 * 1 + 3/4 * 2 = 1.75; t3 = 3/4 * 1.75 + 1/4 * 3 = 2.0625.
+    A run resumed after step 2 (teacher 1.75, engine at iteration 2) takes step 3's momentum and ends the same."""
+    from ignite.engine import Engine, Events
+
+    from dagman_components.handlers import TeacherEMAHandler
+
+    momentum = teacher_momentum_schedule(0.0, 1.0, 3)
+    assert momentum.tolist() == pytest.approx([0.0, 0.25, 0.75], abs=1e-7)
+    seen = []
+    student, teacher = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        teacher.weight.zero_()
+    engine = Engine(_student_at_step(student))
+    TeacherEMAHandler(teacher, momentum, student=student).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(teacher.weight.item()))
+    engine.run([0] * 3, max_epochs=1)
+    assert seen == pytest.approx([1.0, 1.75, 2.0625], abs=1e-6)
+
+    resumed_student, resumed_teacher = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        resumed_teacher.weight.fill_(1.75)
+    resumed = Engine(_student_at_step(resumed_student))
+    TeacherEMAHandler(resumed_teacher, momentum, student=resumed_student).attach(resumed)
+    resumed.load_state_dict({"iteration": 2, "epoch_length": 3, "max_epochs": 1})
+    resumed.run([0] * 3)
+    assert resumed.state.iteration == 3
+    assert resumed_teacher.weight.item() == pytest.approx(2.0625, abs=1e-6)
+
+
+def test_warmup_cosine_lr_per_step_by_hand():
+    """lr per 1-based optimizer step: warm-up (step + 1) / warmup, then cosine from 1 to min_factor over the
+    remaining steps; base 8e-4, 3 warm-up steps of 7, min_factor 0: 1/3, 2/3, 1, then 1, 0.75, 0.25, 0."""
+    lr = warmup_cosine_schedule(8e-4, 7, 3, 0.0)
+    cosine = [0.5 * (1 + np.cos(np.pi * t / 3)) for t in range(4)]  # 1, 0.75, 0.25, 0
+    expected = [8e-4 / 3, 8e-4 * 2 / 3, 8e-4] + [8e-4 * c for c in cosine]
+    assert [value_at(lr, i) for i in range(1, 8)] == pytest.approx(expected, abs=1e-12)
+    assert value_at(lr, 99) == pytest.approx(0.0, abs=1e-12)  # past the end: the last value
+
+
+def test_schedule_arguments_are_checked():
     with pytest.raises(ValueError, match="base_momentum"):
         teacher_momentum_schedule(0.9, 0.8, 12)
     with pytest.raises(ValueError, match="empty"):

@@ -412,15 +412,19 @@ def test_best_model_saver_lower_is_better_and_missing_metric(tmp_path):
         saver(engine)
 
 
-def test_handlers_for_rank_keeps_non_logging_handlers():
+def test_rank_zero_policy_keeps_non_logging_handlers_on_every_rank(monkeypatch):
     from monai.handlers import StatsHandler
 
-    from dagman_components.segmentation import handlers_for_rank
+    from dagman_components.distributed import HandlerGroup
+    from dagman_components.segmentation import logging_handler_types
 
     stats, other = StatsHandler(), object()
-    assert handlers_for_rank([other, stats], 0) == [other, stats]
-    assert handlers_for_rank([other, stats], 1) == [other]
-    assert handlers_for_rank(None, 1) == []
+    group = HandlerGroup([other, stats], main_process_types=logging_handler_types())
+    assert group.for_this_process() == [other, stats]  # rank 0 (no process group, no RANK)
+    monkeypatch.setenv("RANK", "1")
+    assert group.for_this_process() == [other]
+    assert HandlerGroup(None, main_process_types=logging_handler_types()).for_this_process() == []
+    assert HandlerGroup([other, stats], main_process_only=True).for_this_process() == []
 
 
 def test_compare_script_pairs_cases_and_bootstraps_patients(tmp_path):

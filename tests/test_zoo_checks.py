@@ -81,9 +81,10 @@ def test_checks_fail_where_the_zoo_would(zoo, tmp_path):
     config = zoo_inference_config(bundle)
     text = config.read_text().replace("_target_: dagman_components.networks.EncoderEmbedding",
                                       "_target_: dagman_components.networks.EncoderEmbedding\n  _mode_: default")
+    network = "network: \"$dagman_components.encoder_io.with_encoder_weights(@network_def"
+    assert network in text
     config.write_text(text.replace("network_def:\n", "network_def_wrapped:\n").replace(
-        "network: $@network_def.to(@device)", "network_def: '$@network_def_wrapped.encoder'\n"
-                                              "network: $@network_def.to(@device)"))
+        network, "network_def: '$@network_def_wrapped.encoder'\n" + network))
     result = run_zoo_checks(bundle, SCHEMA, checks=("data_shape",))["data_shape"]
     assert "has no attribute 'shape'" in result, result  # the encoder's dict
     for suffix in ("json", "yaml"):

@@ -28,8 +28,7 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.utils import convert_to_tensor
 
-from dagman_components.atomic import atomic_write_text
-from dagman_components.classification.attention import save_nifti_atomic
+from dagman_components.atomic import atomic_write_text, save_nifti_atomic
 from dagman_components.classification.metrics import (
     binary_report,
     roc_curve,

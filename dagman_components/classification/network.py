@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from monai.utils import StrEnum, look_up_option
 
-from dagman_components.classification.attention import attention_to_voxels
 from dagman_components.networks import SwinDAGMaN, unwrap
+from dagman_components.networks.attention_map import attention_to_voxels
 from dagman_components.optim import layer_decay_param_groups, param_groups_weight_decay, swin_dagman_layer_ids
 from dagman_components.encoder_io import EncoderOutput, require_weights, weights_or_random
 from dagman_components.encoder_io import load_encoder_weights as encoder_io_load

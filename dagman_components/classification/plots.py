@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dagman_components.atomic import atomic_write_png
-from dagman_components.handlers.curves import pyplot
+from dagman_components.visualize.backend import pyplot
 
 __all__ = ["save_png_atomic", "plot_roc_curves", "plot_attention_montage"]
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dagman_components.atomic import atomic_write_bytes
+from dagman_components.errors import DagmanError
 
 __all__ = [
     "ORGANMNIST3D_LABELS",
@@ -59,7 +60,7 @@ ORGANMNIST3D_LABELS: dict[int, str] = {
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-class OrganDataError(ValueError):
+class OrganDataError(DagmanError, ValueError):
     """Organ crops or their name table cannot be used; the message names the file and what to do."""
 
 

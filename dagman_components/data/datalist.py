@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from dagman_components.errors import DagmanError
+
 __all__ = [
     "DataSourceError",
     "VOLUME_EXTENSIONS",
@@ -42,7 +44,7 @@ _CHUNK_BYTES = 1 << 20
 _SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or DICOM series"
 
 
-class DataSourceError(ValueError):
+class DataSourceError(DagmanError, ValueError):
     """A dataset folder, datalist or volume cannot be used; the message says which and why."""
 
 

@@ -5,6 +5,7 @@ from dagman_components.engines.co_distillation_trainer import (
     MicroBatches,
     NonFiniteLossError,
     autocast_settings,
+    cpu_has_native_bf16,
     optimizer_steps_per_epoch,
 )
 from dagman_components.engines.linear_probe_trainer import LinearProbeTrainer

@@ -15,6 +15,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
 from dagman_components.data.resumable import derive_seed
+from dagman_components.errors import DagmanError
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
 from dagman_components.networks.outputs import EncoderOutput
@@ -26,7 +27,7 @@ __all__ = ["CoDistillationTrainer", "NonFiniteLossError", "MicroBatches", "optim
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DagmanError, FloatingPointError):
     """Raised when a loss term is NaN or infinite; the step is not taken and nothing is saved."""
 
 

@@ -11,13 +11,13 @@ from dagman_components.handlers.checkpoint import (
     TrainedModelCard,
     WeightsOnlyCheckpointLoader,
 )
+from dagman_components.handlers.events import DiagnosticEvents, register_diagnostic_events
 from dagman_components.handlers.curves import CurveHistory, CurveWriter, EpochCurveWriter
 from dagman_components.handlers.monitoring import (
     DataWaitTimer,
     LossHistoryPlotter,
     LossProgressBar,
     draw_loss_history,
-    plot_loss_history,
 )
 from dagman_components.handlers.optimizer_schedule import OptimizerSchedule
 from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_update

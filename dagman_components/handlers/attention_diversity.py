@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from dagman_components.handlers.events import DiagnosticEvents, register_diagnostic_events
 from dagman_components.metrics.diversity_report import encoder_stage_diversity, iter_images, summarise_diversity
 from dagman_components.networks.pretrain import unwrap
 
@@ -31,7 +32,9 @@ class AttentionDiversityHandler:
     fixed images and log per stage ``diversity/stage<k>/distance_entropy_bits``,
     ``.../head_spread_of_mean_distance`` (standard deviation over heads of their mean attention
     distance), ``.../mean_distance`` and ``.../attention_entropy_bits`` (averaged over heads) to
-    TensorBoard, against the epoch. ``engine.state.attention_diversity`` keeps the last summary.
+    TensorBoard, against the epoch. The handler keeps the last summary (``summary``, measured at
+    ``epoch``; both in ``state_dict``) and fires
+    :attr:`~dagman_components.handlers.events.DiagnosticEvents.ATTENTION_DIVERSITY` on the engine after each.
 
     Args:
         network: the network to measure: the teacher (default in the config), a
@@ -78,6 +81,18 @@ class AttentionDiversityHandler:
         self._writer = summary_writer
         self._owns_writer = False
         self.tag_prefix = tag_prefix
+        #: The last per-stage summary (:func:`summarise_diversity`), or None before the first measurement.
+        self.summary: dict[str, dict[str, Any]] | None = None
+        #: The epoch of ``summary``.
+        self.epoch: int | None = None
+
+    def state_dict(self) -> dict:
+        """The last summary and its epoch."""
+        return {"summary": self.summary, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s content."""
+        self.summary, self.epoch = state["summary"], state["epoch"]
 
     @property
     def writer(self) -> Any:
@@ -94,6 +109,7 @@ class AttentionDiversityHandler:
         if self.interval <= 0:
             logger.info("attention-diversity logging is off (interval=%d)", self.interval)
             return
+        register_diagnostic_events(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self.close)
 
@@ -137,7 +153,8 @@ class AttentionDiversityHandler:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"{self.tag_prefix}/{stage}/{name}", value, epoch)
         self.writer.flush()
-        engine.state.attention_diversity = summary
+        self.summary, self.epoch = summary, epoch
+        engine.fire_event(DiagnosticEvents.ATTENTION_DIVERSITY)
         logger.info(
             "epoch %d head diversity: %s",
             epoch,

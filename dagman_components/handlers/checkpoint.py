@@ -22,6 +22,7 @@ from monai.handlers import CheckpointLoader
 from dagman_components.atomic import atomic_save, atomic_write_text
 from dagman_components.distributed import is_main_process
 from dagman_components.encoder_io import card_path, trained_model_card
+from dagman_components.errors import DagmanError
 from dagman_components.errors import is_state_dict_error, summarise_state_dict_error
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.weights import (
@@ -39,7 +40,7 @@ __all__ = ["AtomicCheckpointSaver", "BestMetricSaver", "TrainedModelCard", "Resu
 SETTINGS_KEY = "settings"
 
 
-class CheckpointSettingsError(ValueError):
+class CheckpointSettingsError(DagmanError, ValueError):
     """The checkpoint in ``bundle_root`` was written by a run with other settings; the message names them."""
 
 

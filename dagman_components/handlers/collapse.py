@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from ignite.engine import Engine, Events
 
+from dagman_components.handlers.events import DiagnosticEvents, register_diagnostic_events
+
 __all__ = ["CollapseAlarm", "DISTILLATION_TERMS"]
 
 #: The distillation terms the trainer reports diagnostics for, with what each one distils.
@@ -43,9 +45,11 @@ class CollapseAlarm:
       ``min_batch_entropy_ratio * ln K`` (one-hot collapse: every image is sent to the same few prototypes).
 
     Each episode is reported once, when it starts (a term that recovers and collapses again is
-    reported again), with what collapsed, the values and what to try. ``engine.state.collapse_alarms``
-    lists ``(iteration, term, kind)`` of every warning, and ``scalars["collapse_alarm"]`` is the number
-    of terms in alarm at each step, so TensorBoard and the CSV show it too.
+    reported again), with what collapsed, the values and what to try. The handler's ``alarms`` lists
+    ``(iteration, term, kind)`` of every warning (kept with the streaks in ``state_dict``), and
+    :attr:`~dagman_components.handlers.events.DiagnosticEvents.COLLAPSE_ALARM` is fired on the engine
+    after each new warning. ``scalars["collapse_alarm"]`` is the number of terms in alarm at each step,
+    so TensorBoard and the CSV show it too.
 
     Args:
         num_prototypes: K of the projection heads (ln K is the entropy of a uniform target).
@@ -79,9 +83,23 @@ class CollapseAlarm:
         self.logger = logging.getLogger(__name__)
         self._streak = {(t, kind): 0 for t in self.terms for kind in ("uniform", "feature", "one_hot")}
         self._reported: set[tuple[str, str]] = set()
+        #: ``(iteration, term, kind)`` of every warning, in order.
+        self.alarms: list[tuple[int, str, str]] = []
+
+    def state_dict(self) -> dict:
+        """The warnings so far and the running streaks, for a checkpoint."""
+        return {"alarms": [list(a) for a in self.alarms], "streak": [[t, k, n] for (t, k), n in self._streak.items()],
+                "reported": sorted([t, k] for t, k in self._reported)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s content."""
+        self.alarms = [(int(i), str(t), str(k)) for i, t, k in state["alarms"]]
+        self._streak.update({(str(t), str(k)): int(n) for t, k, n in state["streak"]})
+        self._reported = {(str(t), str(k)) for t, k in state["reported"]}
 
     def attach(self, engine: Engine) -> None:
-        """Check after every iteration."""
+        """Check after every iteration; the engine learns :class:`DiagnosticEvents`."""
+        register_diagnostic_events(engine)
         if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
@@ -118,10 +136,8 @@ class CollapseAlarm:
         scalars = output.get("scalars") if isinstance(output, dict) else None
         if not isinstance(scalars, dict):
             return
-        alarms = getattr(engine.state, "collapse_alarms", None)
-        if alarms is None:
-            alarms = engine.state.collapse_alarms = []
         in_alarm = 0
+        reported = len(self.alarms)
         for term in self.terms:
             for kind, holds in self._conditions(scalars, term).items():
                 key = (term, kind)
@@ -134,5 +150,7 @@ class CollapseAlarm:
                 if key not in self._reported:
                     self._reported.add(key)
                     self.logger.warning(self.message(term, kind, scalars, engine.state.iteration))
-                    alarms.append((int(engine.state.iteration), term, kind))
+                    self.alarms.append((int(engine.state.iteration), term, kind))
         scalars["collapse_alarm"] = float(in_alarm)
+        if len(self.alarms) > reported:
+            engine.fire_event(DiagnosticEvents.COLLAPSE_ALARM)

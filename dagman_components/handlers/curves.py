@@ -25,18 +25,9 @@ from ignite.engine import Engine, Events
 
 from dagman_components.atomic import atomic_write_png, atomic_write_text
 from dagman_components.distributed import is_main_process
+from dagman_components.visualize.backend import pyplot
 
-__all__ = ["CurveHistory", "CurveWriter", "EpochCurveWriter", "pyplot"]
-
-
-def pyplot() -> Any:
-    """matplotlib's ``pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["CurveHistory", "CurveWriter", "EpochCurveWriter"]
 
 
 class CurveHistory:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from dagman_components.distributed import rank
+from dagman_components.errors import DagmanError
 
 __all__ = ["TrainingLock", "TrainingLockedError"]
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 _HELD: dict[Path, "TrainingLock"] = {}
 
 
-class TrainingLockedError(RuntimeError):
+class TrainingLockedError(DagmanError, RuntimeError):
     """Another live process trains in the same ``bundle_root``."""
 
 

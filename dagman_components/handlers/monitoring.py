@@ -12,12 +12,12 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from dagman_components.atomic import atomic_write_png
 from dagman_components.distributed import is_main_process
-from dagman_components.handlers.curves import CurveWriter, pyplot
+from dagman_components.handlers.curves import CurveWriter
+from dagman_components.visualize.backend import pyplot
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
 
-__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "draw_loss_history", "plot_loss_history", "LOSS_KEYS",
+__all__ = ["DataWaitTimer", "LossHistoryPlotter", "LossProgressBar", "draw_loss_history", "LOSS_KEYS",
            "DIAGNOSTIC_KEYS"]
 
 
@@ -180,12 +180,6 @@ def draw_loss_history(history: dict[str, list[float]], iterations: Sequence[int]
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def plot_loss_history(history: dict[str, list[float]], iterations: Sequence[int], path: str | os.PathLike,
-                      title: str = "DAGMaN pretraining", num_prototypes: int | None = None) -> None:
-    """:func:`draw_loss_history` written to the PNG ``path``, atomically."""
-    atomic_write_png(draw_loss_history(history, iterations, title, num_prototypes), path, close=True)
 
 
 class LossHistoryPlotter(CurveWriter):

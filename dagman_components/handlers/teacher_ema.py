@@ -48,13 +48,14 @@ class TeacherEMAHandler:
     Args:
         teacher: the teacher network.
         momentum: EMA momentum per optimizer step.
-        student: the student network (DDP-wrapped or not); default: ``engine.network``.
+        student: the student network (DDP-wrapped or not), named explicitly (the engine's network is
+            never taken silently).
 
     Raises:
         ValueError: for an empty schedule or a momentum outside [0, 1].
     """
 
-    def __init__(self, teacher: nn.Module, momentum: Sequence[float], student: nn.Module | None = None) -> None:
+    def __init__(self, teacher: nn.Module, momentum: Sequence[float], student: nn.Module) -> None:
         if len(momentum) == 0 or not 0.0 <= min(momentum) <= max(momentum) <= 1.0:
             raise ValueError("the teacher momentum schedule needs one value in [0, 1] per optimizer step.")
         self.teacher = teacher
@@ -66,5 +67,4 @@ class TeacherEMAHandler:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        student = self.student if self.student is not None else engine.network  # type: ignore[attr-defined]
-        ema_update(self.teacher, student, value_at(self.momentum, engine.state.iteration))
+        ema_update(self.teacher, self.student, value_at(self.momentum, engine.state.iteration))

@@ -18,9 +18,9 @@ import torch.nn as nn
 from monai.networks.utils import eval_mode
 from monai.transforms import Compose, EnsureTyped, ResizeWithPadOrCropd
 
-from dagman_components.classification.attention import attention_to_voxels
 from dagman_components.data import HU_WINDOW, ct_load_and_normalise
 from dagman_components.networks import EncoderOutput
+from dagman_components.networks.attention_map import attention_to_voxels
 
 __all__ = ["nodule_and_mask_transforms", "attention_mass_in_mask", "attention_in_mask_report"]
 

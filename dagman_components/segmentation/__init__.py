@@ -27,7 +27,7 @@ from .handlers import (
     FinalValidationHandler,
     MetricDetailsPlotter,
     SegmentationProgressBar,
-    handlers_for_rank,
+    logging_handler_types,
 )
 from .inferers import CPUAutocastInferer
 from .pairs import read_geometry, validate_image_label_pairs
@@ -47,7 +47,7 @@ __all__ = [
     "check_card_matches",
     "find_image_label_folders",
     "keep_largest_component",
-    "handlers_for_rank",
+    "logging_handler_types",
     "init_swin_unetr",
     "load_swin_unetr_encoder",
     "pair_folders",

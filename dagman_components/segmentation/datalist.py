@@ -84,7 +84,7 @@ def find_image_label_folders(root: str | os.PathLike) -> tuple[str, str]:
     for images, labels in FOLDER_PAIRS:
         if os.path.isdir(os.path.join(root, images)) and os.path.isdir(os.path.join(root, labels)):
             return os.path.join(root, images), os.path.join(root, labels)
-    tried = ", ".join(f"{i}/+{l}/" for i, l in FOLDER_PAIRS)
+    tried = ", ".join(f"{image}/+{label}/" for image, label in FOLDER_PAIRS)
     raise DataSourceError(
         f"dataset_dir '{root}' holds no image/label subfolder pair (tried {tried}); point dataset_dir to a JSON "
         f"datalist, or give the image folder and label folder separately."

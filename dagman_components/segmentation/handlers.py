@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,14 @@ from ignite.engine import Engine, Events
 
 from dagman_components.atomic import atomic_write_png
 from dagman_components.distributed import is_main_process
-from dagman_components.handlers.curves import CurveWriter, pyplot
+from dagman_components.handlers.curves import CurveWriter
+from dagman_components.visualize.backend import pyplot
 
 __all__ = [
     "FinalValidationHandler",
     "MetricDetailsPlotter",
     "SegmentationProgressBar",
-    "handlers_for_rank",
+    "logging_handler_types",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,28 +121,10 @@ class SegmentationProgressBar:
         ProgressBar(persist=self.persist).attach(engine, output_transform=_loss)
 
 
-def handlers_for_rank(
-    handlers: Sequence[Any] | None,
-    rank: int,
-    main_only: Sequence[type] | None = None,
-) -> list[Any]:
-    """The handlers a process of rank ``rank`` attaches: all on rank 0; on other ranks, all but the
-    logging and plotting ones (``main_only``: MONAI's ``StatsHandler`` and ``TensorBoardStatsHandler``,
-    the curve writers, this module's plotter and progress bar), which would repeat or collide across processes.
+def logging_handler_types() -> tuple[type, ...]:
+    """The handler types that run on rank 0 only under DDP (``HandlerGroup(main_process_types=...)`` in
+    ``multi_gpu_train.yaml``): MONAI's ``StatsHandler`` and ``TensorBoardStatsHandler``, the curve
+    writers, this module's plotter and progress bar, which would repeat or collide across processes."""
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
-    Args:
-        handlers: the handler list of a config (e.g. ``@train#handlers``).
-        rank: the process rank.
-        main_only: handler types kept on rank 0 only.
-
-    Returns:
-        The handlers to attach.
-    """
-    if main_only is None:
-        from monai.handlers import StatsHandler, TensorBoardStatsHandler
-
-        main_only = (StatsHandler, TensorBoardStatsHandler, CurveWriter, MetricDetailsPlotter, SegmentationProgressBar)
-    handlers = list(handlers or [])
-    if rank == 0:
-        return handlers
-    return [h for h in handlers if not isinstance(h, tuple(main_only))]
+    return (StatsHandler, TensorBoardStatsHandler, CurveWriter, MetricDetailsPlotter, SegmentationProgressBar)

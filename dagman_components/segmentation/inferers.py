@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-from dagman_components.engines.co_distillation_trainer import cpu_has_native_bf16
+from dagman_components.engines import cpu_has_native_bf16
 
 __all__ = ["CPUAutocastInferer"]
 
