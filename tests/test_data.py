@@ -417,7 +417,7 @@ def test_region_crops_both_views_lie_inside_one_region_of_the_configured_size():
         # the region is 48^3: both boxes fit in one 48^3 box
         lo = [min(a, b) for a, b in zip(s1, s2)]
         hi = [max(a + 32, b + 32) for a, b in zip(s1, s2)]
-        assert all(h - l <= 48 for l, h in zip(lo, hi))
+        assert all(high - low <= 48 for low, high in zip(lo, hi))
         assert torch.equal(out["image"], _ramp((1, 80, 80, 80))[:, s1[0]:s1[0] + 32, s1[1]:s1[1] + 32, s1[2]:s1[2] + 32])
     assert views.mode_used == "region_crops"
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from dagman_components.classification.splits import few_shot_subset, grouped_stratified_folds
-from dagman_components.classification.table import NoduleTableError, read_nodule_table
-from dagman_components.classification.transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
+from dagman_components.data.splits import few_shot_subset, grouped_stratified_folds
+from dagman_components.data.nodule_table import NoduleTableError, read_nodule_table
+from dagman_components.data.nodule_transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
 from dagman_components.data import HU_WINDOW
 from dagman_components.distributed import is_main_process
 from dagman_components.frozen_features import frozen_features, image_batches, module_device
@@ -92,7 +92,7 @@ def _patients_per_class(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 def select_cases(items: Sequence[Mapping[str, Any]], max_cases: int | None, seed: int = 0) -> list[Mapping[str, Any]]:
     """A deterministic subset of whole patients, stratified by label, of about ``max_cases`` nodules:
-    the classification components' :func:`~dagman_components.classification.splits.few_shot_subset`
+    the nodule splits' :func:`~dagman_components.data.splits.few_shot_subset`
     with the share ``max_cases / len(items)``.
 
     Args:
@@ -239,7 +239,7 @@ class FrozenFeatureProbe:
 
     Args:
         probe_dir: a folder in the LIDC layout: ``nodules.csv`` (read with
-            :func:`~dagman_components.classification.read_nodule_table` and its defaults: the paper's
+            :func:`~dagman_components.data.nodule_table.read_nodule_table` and its defaults: the paper's
             label rule) and ``image/``.
         network: the network probed (its ``encoder`` if it has one; DDP-unwrapped); ``None`` takes
             ``engine.teacher``.
