@@ -22,7 +22,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 import dagman_components.classification as nc
-from dagman_components.encoder_io import EncoderSettingError
+from dagman_components.encoder_io import EncoderSettingError, with_encoder_weights
 from dagman_components.networks import ENCODER_DEFAULTS, DAGMaNPretrainNetwork, SwinDAGMaN
 from dagman_components.weights import WeightLoadError, sha256_of
 
@@ -315,9 +315,12 @@ def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     torch.save({"student": pre.state_dict(), "teacher": pre.state_dict()}, path)
     net = nc.NoduleClassifier(_encoder(seed=0))
+
+    def load(network, weights):  # what train.yaml's network line does
+        return with_encoder_weights(network, weights, key="pretrained_path", key_prefix="encoder.")
+
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    report = nc.load_encoder_weights(net, path)
-    assert report.loaded_fraction == 1.0 and not report.missing
+    assert load(net, path) is net
     after = net.state_dict()
     source = pre.encoder.state_dict()
     differed = [k for k, v in source.items() if not torch.equal(before[f"encoder.{k}"], v)]
@@ -325,17 +328,17 @@ def test_loading_a_pretraining_checkpoint_changes_the_encoder(tmp_path, caplog):
     assert all(torch.equal(after[f"encoder.{k}"], v) for k, v in source.items())
     assert torch.equal(before["head.fc.weight"], after["head.fc.weight"])
     with pytest.raises(FileNotFoundError, match=r"missing.pt' \(config key 'pretrained_path'\) do not exist yet.*make demo"):
-        nc.load_encoder_weights(net, tmp_path / "missing.pt")
+        load(net, tmp_path / "missing.pt")
     torch.save(SwinDAGMaN(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), sa_heads=4).state_dict(), path)
     with pytest.raises(WeightLoadError, match="another architecture"):
-        nc.load_encoder_weights(net, path)
+        load(net, path)
     with caplog.at_level(logging.WARNING):
-        assert nc.load_encoder_weights(net, None) is None
-        assert nc.load_encoder_weights(net, "null") is None  # --pretrained_path null on the command line
+        assert load(net, None) is net
+        assert load(net, "null") is net  # --pretrained_path null on the command line
     assert "RANDOM" in caplog.text
     for spelling in ("", "random", "none", "None"):  # one spelling of random: null
         with pytest.raises(EncoderSettingError, match="config key 'pretrained_path'.*set it to null"):
-            nc.load_encoder_weights(net, spelling)
+            load(net, spelling)
 
 
 # ------------------------------------------------------------------------------------------------ bundle

@@ -33,7 +33,6 @@ from dagman_components.classification.network import (
     HeadToken,
     NoduleClassifier,
     classifier_param_groups,
-    load_encoder_weights,
 )
 from dagman_components.classification.plots import plot_attention_montage, plot_roc_curves
 from dagman_components.classification.splits import (

@@ -3,7 +3,7 @@
 """Nodule classifier: the Swin-DAGMaN encoder plus one linear head, for linear probing or fine-tuning.
 
 The encoder is held as ``encoder`` so that DAGMaN weights load with key prefix ``encoder.`` (see
-:func:`load_encoder_weights`); the bundle builds it with :func:`dagman_components.encoder_io.build_encoder`
+:func:`dagman_components.encoder_io.with_encoder_weights`); the bundle builds it with :func:`dagman_components.encoder_io.build_encoder`
 from the weights' model card.
 The head reads the [CLS] token of the semantic-attention block (width ``embed_dim * 2**sa_stage``)
 or the average-pooled last Swin stage (``embed_dim * 16``).
@@ -12,7 +12,6 @@ or the average-pooled last Swin stage (``embed_dim * 16``).
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import torch
@@ -22,11 +21,9 @@ from monai.utils import StrEnum, look_up_option
 from dagman_components.networks import SwinDAGMaN, unwrap
 from dagman_components.networks.attention_map import attention_to_voxels
 from dagman_components.optim import layer_decay_param_groups, param_groups_weight_decay, swin_dagman_layer_ids
-from dagman_components.encoder_io import EncoderOutput, require_weights, weights_or_random
-from dagman_components.encoder_io import load_encoder_weights as encoder_io_load
-from dagman_components.weights import LoadReport
+from dagman_components.encoder_io import EncoderOutput
 
-__all__ = ["ClassifierMode", "HeadToken", "NoduleClassifier", "load_encoder_weights", "classifier_param_groups"]
+__all__ = ["ClassifierMode", "HeadToken", "NoduleClassifier", "classifier_param_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,35 +118,6 @@ class NoduleClassifier(nn.Module):
         (:func:`~dagman_components.classification.attention.attention_to_voxels`)."""
         out = self.encode(x)
         return attention_to_voxels(out[EncoderOutput.S_ATT], out[EncoderOutput.SA_GRID], self.encoder.sa_stride)
-
-
-def load_encoder_weights(network: nn.Module, path: str | os.PathLike | None) -> LoadReport | None:
-    """Load DAGMaN encoder weights into ``network.encoder``, or say loudly that there are none.
-
-    The policy is :func:`dagman_components.encoder_io.load_encoder_weights` (every encoder tensor
-    found with its shape, nothing left over).
-
-    Args:
-        network: a :class:`NoduleClassifier` (DDP-wrapped or not).
-        path: ``models/model.pt`` of the pretraining bundle, a full pretraining checkpoint, or a
-            trained classifier's ``model.pt`` (its encoder part). ``None`` (``null`` in YAML):
-            random initialisation, logged as a warning so it is never an accident; other spellings
-            of "random" are refused (:func:`~dagman_components.encoder_io.weights_or_random`).
-
-    Returns:
-        The :class:`~dagman_components.weights.LoadReport` (loaded / missing / unexpected), or ``None``.
-
-    Raises:
-        FileNotFoundError: the file is missing (the message names the command that makes it).
-        dagman_components.encoder_io.EncoderSettingError: ``path`` is a look-alike of "random".
-        dagman_components.weights.WeightLoadError: unreadable file, another architecture, or too
-            little of the encoder found.
-    """
-    weights = weights_or_random(path, "pretrained_path")
-    if weights is None:
-        return None
-    require_weights(weights, key="pretrained_path")
-    return encoder_io_load(unwrap(network), weights, key_prefix="encoder.")
 
 
 def classifier_param_groups(network: nn.Module, lr: float, weight_decay: float = 0.05,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from monai.networks.utils import eval_mode
 
 from dagman_components.networks import EncoderOutput
+from dagman_components.probing.paired import rank_auc
 
 __all__ = [
     "shift_volumes",
@@ -80,17 +81,8 @@ def cell_auroc(attention: torch.Tensor | np.ndarray, fractions: torch.Tensor | n
         attention: (B, N) a map per crop (any scale).
         fractions: (B, N) :func:`cell_fractions`.
     """
-    from scipy.stats import rankdata
-
     att, frac = np.asarray(attention, dtype=float), np.asarray(fractions, dtype=float)
-    out = np.full(len(att), np.nan)
-    for i, (a, f) in enumerate(zip(att, frac)):
-        pos = f > 0
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos and n_neg:
-            ranks = rankdata(a)
-            out[i] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+    return np.array([rank_auc(a, f > 0) for a, f in zip(att, frac)])
 
 
 def mass_ratio(attention: torch.Tensor | np.ndarray, fractions: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -23,6 +23,6 @@ __all__ = [
     "probe_scores",
     "select_logistic_probe",
 ]
-from dagman_components.probing.paired import PairedDifference, mean_auc, paired_auc_difference  # noqa: E402
+from dagman_components.probing.paired import PairedDifference, mean_auc, paired_auc_difference, rank_auc  # noqa: E402
 
-__all__ += ["PairedDifference", "mean_auc", "paired_auc_difference"]
+__all__ += ["PairedDifference", "mean_auc", "paired_auc_difference", "rank_auc"]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["PairedDifference", "paired_auc_difference", "mean_auc"]
+__all__ = ["PairedDifference", "paired_auc_difference", "mean_auc", "rank_auc"]
 
 
 @dataclass
@@ -45,11 +45,17 @@ class PairedDifference:
         return asdict(self)
 
 
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half: scikit-learn's value."""
+def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half: scikit-learn's value, without
+    its input checks (for bootstrap loops); NaN when a class is missing.
+
+    Args:
+        scores: (N,) scores.
+        labels: (N,) 0 / 1 labels (or booleans: True is positive).
+    """
     from scipy.stats import rankdata
 
-    positive = labels == 1
+    positive = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -62,7 +68,7 @@ def mean_auc(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = N
     s = np.atleast_2d(np.asarray(scores, dtype=float))
     y = np.asarray(labels).astype(int)
     idx = np.arange(len(y)) if rows is None else rows
-    return float(np.mean([_auc(seed_scores[idx], y[idx]) for seed_scores in s]))
+    return float(np.mean([rank_auc(seed_scores[idx], y[idx]) for seed_scores in s]))
 
 
 def paired_auc_difference(
