@@ -85,6 +85,7 @@ def bundle(tmp_path: Path) -> Path:
     # left out of the zip:
     _write(root / "models" / "checkpoint_epoch=2.pt", b"ckpt")
     _write(root / "models" / "model_key_metric=0.5.pt", b"ckpt")
+    _write(root / "models" / "model.onnx", b"onnx")  # scripts/export_onnx.py's output
     _write(root / "eval" / "events.out.tfevents.1")
     _write(root / "runs" / "run1" / "log.txt")
     _write(root / "logs" / "train.txt")
