@@ -94,15 +94,6 @@ def check_export_shape(input_shape: Sequence[int], divisor: int, key: str = "inp
     return shape
 
 
-def _inference_config(bundle: Path) -> Path:
-    from dagman_components.zoo_checks import zoo_inference_config
-
-    config = zoo_inference_config(bundle)
-    if config is None:
-        raise FileNotFoundError(f"'{bundle}' has no configs/inference.json or inference.yaml: not a bundle folder.")
-    return config
-
-
 def bundle_network(bundle: str | os.PathLike, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """``network_def`` of a bundle's inference config with its weights, in eval mode on the CPU.
 
@@ -113,14 +104,10 @@ def bundle_network(bundle: str | os.PathLike, weights: str | os.PathLike | None 
     Returns:
         the network.
     """
-    from monai.bundle import ConfigParser
+    from dagman_components.zoo_checks import inference_parser
 
     bundle = Path(bundle)
-    parser = ConfigParser()
-    parser.read_config(str(_inference_config(bundle)))
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(bundle)})
-    network = parser.get_parsed_content("network_def")
+    network = inference_parser(bundle).get_parsed_content("network_def")
     state = torch.load(Path(weights or bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
     network.load_state_dict(state)
     return network.eval()
@@ -166,6 +153,8 @@ def export_onnx(
     require_deploy_extra()
     from monai.bundle import onnx_export
 
+    from dagman_components.zoo_checks import zoo_inference_config
+
     bundle = Path(bundle)
     weights = bundle / "models" / "model.pt"
     if not weights.is_file():
@@ -177,7 +166,7 @@ def export_onnx(
 
     def write(tmp: str) -> None:
         onnx_export(net_id="network_def", filepath=tmp, ckpt_file=str(weights),
-                    meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(_inference_config(bundle)),
+                    meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(zoo_inference_config(bundle)),
                     bundle_root=str(bundle), use_trace=True, input_shape=shape)
 
     replace_atomically(target, write, suffix=".onnx")
@@ -227,12 +216,10 @@ def bundle_case(bundle: str | os.PathLike, image: str | os.PathLike) -> tuple[to
     Returns:
         ``(batch of one image, inferer)``: call ``inferer(batch, network)`` with the eager or the ONNX network.
     """
-    from monai.bundle import ConfigParser
+    from dagman_components.zoo_checks import inference_parser
 
-    bundle = Path(bundle)
-    parser = ConfigParser()
-    parser.read_config(str(_inference_config(bundle)))
-    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+    parser = inference_parser(bundle)
+    parser.update({"device": "$torch.device('cpu')"})
     item = parser.get_parsed_content("preprocessing")({"image": str(image)})
     inferer = parser.get_parsed_content("inferer")
     inferer = getattr(inferer, "inferer", inferer)  # a wrapper of MONAI's inferer (e.g. CPU autocast): the inner one

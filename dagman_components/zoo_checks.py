@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKS", "zoo_inference_config", "measured_output_channels", "run_zoo_checks", "traced_export_matches"]
+__all__ = ["CHECKS", "zoo_inference_config", "inference_parser", "measured_output_channels", "run_zoo_checks", "traced_export_matches"]
 
 #: The checks, in the zoo's order.
 CHECKS = ("directory", "version", "metadata", "properties", "data_shape", "torchscript")
@@ -85,6 +85,26 @@ def _data_shape(bundle: Path, overrides: Mapping[str, Any]) -> None:
                       **overrides)
 
 
+def inference_parser(bundle: str | os.PathLike) -> Any:
+    """A ``monai.bundle.ConfigParser`` of the bundle's inference config (the zoo's pick) and metadata, ``bundle_root``
+    set to the folder.
+
+    Raises:
+        FileNotFoundError: the folder has no inference config.
+    """
+    from monai.bundle import ConfigParser
+
+    bundle = Path(bundle)
+    config = zoo_inference_config(bundle)
+    if config is None:
+        raise FileNotFoundError(f"'{bundle}' has no configs/inference.json or inference.yaml: not a bundle folder.")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle)})
+    return parser
+
+
 def measured_output_channels(bundle: str | os.PathLike) -> int:
     """The channels of ``network_def``'s output as the bundle's inference config builds it now.
 
@@ -98,14 +118,9 @@ def measured_output_channels(bundle: str | os.PathLike) -> int:
     Returns:
         ``output.shape[1]``.
     """
-    from monai.bundle import ConfigParser
     from monai.bundle.scripts import _get_fake_input_shape
 
-    bundle = Path(bundle)
-    parser = ConfigParser()
-    parser.read_config(str(zoo_inference_config(bundle)))
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.update({"bundle_root": str(bundle)})
+    parser = inference_parser(bundle)
     network = parser.get_parsed_content("network_def")
     with torch.no_grad():
         output = network.eval()(torch.rand(_get_fake_input_shape(parser)))

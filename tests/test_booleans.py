@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import DATA, REPO
+from test_pretraining_bundle import TINY as TINY_PRETRAIN
 
 from dagman_components.config_checks import BOOLEAN_SETTINGS, as_bool
 from dagman_components.errors import ConfigValueError
@@ -22,18 +23,6 @@ from dagman_components.errors import ConfigValueError
 BUNDLES = REPO / "bundles"
 PRETRAIN = BUNDLES / "dagman_ct_pretraining"
 CLASSIFY = BUNDLES / "dagman_lung_nodule_ct_classification"
-TINY_PRETRAIN = """
-roi_size: [32, 32, 32]
-embed_dim: 12
-depths: [2, 2, 2, 2]
-num_heads: [3, 3, 3, 3]
-sa_heads: 4
-head_out_dim: 64
-head_hidden_dim: 32
-head_bottleneck_dim: 16
-warmup_epochs: 1
-warmup_teacher_temp_epochs: 1
-"""
 TINY_ENCODER = ["--embed_dim", "12", "--depths", "[2,2,2,2]", "--num_heads", "[3,3,3,3]", "--sa_heads", "4"]
 
 
