@@ -34,11 +34,11 @@ BOOLEAN_SETTINGS = frozenset(
     {
         "amp",
         "augment",
-        "cache_features",
         "clean_teacher_attention",
         "fill_holes",
         "head_batch_norm",
         "keep_largest_component",
+        "probe_attention",
         "probe_cached",
         "resume",
         "save_attention",

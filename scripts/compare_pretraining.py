@@ -8,8 +8,9 @@ Each chosen variant of the pretraining bundle (``dagman`` = the bundle as is, or
 same seeded initialisation) is pretrained with the same CT data, seed, configs and budget into its
 own ``bundle_root`` (``<output>/<variant>``), then evaluated:
 
-- ``nodule_lp``: linear probe of nodule malignancy on frozen features (the classification
-  components' table, preprocessing, patient-grouped folds and AUC; logistic regression per fold);
+- ``nodule_lp``: linear probe and kNN of nodule malignancy on frozen features, the cells of
+  ``scripts/evaluate_encoders.py`` (the project's one probe, patient-grouped folds); after each variant
+  the paired table of all variants against ``random_init`` goes to ``<output>/nodule_comparison/``;
 - ``organ_clustering``: the clustering components' frozen-feature kNN accuracy, silhouette and
   k-means NMI/ARI with a UMAP plot;
 - ``head_diversity``: attention-head diversity per Swin stage (JSON + box plots);
@@ -100,6 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     p.add_argument("--lp_token", default="cls", choices=("cls", "global"), help="nodule linear-probe feature")
     p.add_argument("--lp_folds", type=int, default=5)
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples of the paired nodule table")
     p.add_argument("--organ_token", default="global", choices=("cls", "global"))
     p.add_argument("--diversity_volumes", type=int, default=4)
     p.add_argument("--diversity_roi", type=int, default=64,
@@ -219,56 +221,43 @@ def _encoder(run_dir: Path, args: argparse.Namespace) -> torch.nn.Module:
     return prepare_encoder(run_dir / "models" / "model.pt", seed=args.seed).to(args.device)
 
 
-def nodule_images(nodules: str, cache: Path) -> dict[str, Any]:
-    """Every labelled nodule of the table, preprocessed once (classification components: 1 mm, 32^3)
-    and cached for all variants."""
-    if cache.is_file():
-        stored = torch.load(cache, weights_only=True)  # tensors, lists of ints and strings only
-        return {"images": stored["images"], "labels": np.array(stored["labels"]),
-                "patients": np.array(stored["patients"]), "ids": list(stored["ids"])}
-    from monai.data import Dataset
-    from monai.transforms import Compose
+def _nodule_comparison(args: argparse.Namespace, variants: Sequence[str]) -> Any:
+    """The paired evaluation of ``scripts/evaluate_encoders.py`` over the variants' teacher encoders (one
+    results file for all variants, so each variant's cells are computed once)."""
+    from dagman_components.classification import encoder_comparison as ec
 
-    import dagman_components.classification as nc
-
-    items = nc.read_nodule_table(Path(nodules) / "nodules.csv", image_dir=Path(nodules) / "image")
-    ds = Dataset(items, Compose(nc.nodule_preprocessing(track_meta=False)))
-    images = torch.stack([ds[i]["image"] for i in progress(range(len(ds)), "nodules", unit="crop")])
-    data = {"images": images.half(), "labels": np.array([int(it["label"]) for it in items]),
-            "patients": np.array([str(it["patient"]) for it in items]), "ids": [str(it["id"]) for it in items]}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    from dagman_components.atomic import atomic_save
-
-    atomic_save({"images": data["images"], "labels": data["labels"].tolist(), "patients": data["patients"].tolist(),
-                 "ids": data["ids"]}, cache)
-    return data
-
-
-def linear_probe_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
-    """Logistic regression (standardised features, balanced classes) in patient-grouped stratified
-    folds: the in-loop probe's classifier (``dagman_components.handlers.probe``); AUC per fold and of
-    the pooled out-of-fold scores."""
-    import dagman_components.classification as nc
-    from dagman_components.handlers.probe import probe_scores
-
-    test_folds = nc.grouped_stratified_folds(y, groups, n_folds=folds, seed=seed)
-    result = probe_scores(x, y, test_folds, classifier="logistic", C=1.0, max_iter=5000, class_weight="balanced",
-                          seed=seed)
-    aucs = result.fold_aucs
-    return {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)), "auc_folds": aucs,
-            "auc_pooled": float(nc.roc_auc(result.scores[result.scored], y[result.scored])), "cases": int(len(y)),
-            "positives": int(y.sum()), "folds": folds, "classifier": "StandardScaler + LogisticRegression(C=1, balanced)"}
+    out = args.output / "nodule_comparison"
+    nodules = ec.load_nodule_set(args.nodules, cache=args.output / "cache" / "nodule_images.pt")
+    specs = [ec.EncoderSpec(v, str(args.output / v / "models" / "model.pt")) for v in variants]
+    return ec.EncoderComparison(nodules, specs, out / "cells.json", seeds=[args.split_seed], n_folds=args.lp_folds,
+                                fractions=[1.0], protocols=["lp", "knn"], token=args.lp_token, n_boot=args.n_boot)
 
 
 def evaluate_nodule_lp(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Linear probe of nodule malignancy on frozen features."""
-    from dagman_components.frozen_features import frozen_features, image_batches
+    """Nodule malignancy from frozen features: the project's linear probe and kNN in patient-grouped
+    stratified folds (``scripts/evaluate_encoders.py``'s cells); the paired table over the variants is
+    written after every variant (:func:`write_nodule_comparison`)."""
+    comparison = _nodule_comparison(args, [variant])
+    comparison.run()
+    rows = {r["protocol"]: r for r in comparison.table()}
+    return {"auc_mean": rows["lp"]["auc_mean"], "knn_auc": rows["knn"]["auc_mean"], "cases": len(comparison.nodules.ids),
+            "positives": int(comparison.nodules.labels.sum()), "folds": args.lp_folds, "token": args.lp_token,
+            "classifier": "dagman_components.probing logistic probe (standardised, balanced, C=1); AUC of the pooled "
+                          "out-of-fold scores"}
 
-    data = nodule_images(args.nodules, args.output / "cache" / "nodules.pt")
-    x = frozen_features(_encoder(run_dir, args), image_batches(data["images"], 32), [args.lp_token],
-                        description="nodule features")[args.lp_token].numpy()
-    return {**linear_probe_auc(x, data["labels"], data["patients"], args.lp_folds, args.split_seed),
-            "token": args.lp_token}
+
+def write_nodule_comparison(results: Mapping[str, Any], args: argparse.Namespace) -> None:
+    """The paired table of every variant with a nodule probe, against ``random_init`` when it ran."""
+    from dagman_components.classification.encoder_comparison import write_comparison
+
+    done = [v for v, r in results["runs"].items() if "nodule_lp" in r]
+    if len(done) < 2 or not (args.output / "nodule_comparison" / "cells.json").is_file():
+        return
+    done.sort(key=lambda v: v != NO_PRETRAINING)
+    comparison = _nodule_comparison(args, done)
+    rows = comparison.table()
+    if rows:
+        write_comparison(rows, args.output / "nodule_comparison", done[0], title="pretraining variants: nodule probes")
 
 
 def evaluate_organ_clustering(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -558,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     break
                 continue
             write_outputs(results, args.output)
+            if step == "nodule_lp":
+                write_nodule_comparison(results, args)
         if stopped:
             logger.warning("--max_minutes %.1f reached: rerun the same command to continue", args.max_minutes)
             break

@@ -6,8 +6,9 @@ x encoder initialisations, into one JSON of all figures plus ROC-curve PNGs. Res
 
 Every run is the bundle itself (``configs/train.yaml`` then ``configs/evaluate.yaml``, in this
 process, with the fold / fraction / mode / weights as overrides). Linear probing runs
-``--mode linear_probe --augment false``: the bundle embeds each crop once with the frozen encoder and
-trains the head on the cached features (``cache_features``), so ``--lp_epochs`` cost little.
+``--mode linear_probe``: the bundle embeds each crop once with the frozen encoder and fits the project's
+linear probe on the cached features (``probe_Cs``; one C by default). For paired comparisons of encoders
+with confidence intervals of the difference, use ``scripts/evaluate_encoders.py``.
 
 Every finished run is written to the JSON at once (atomically); rerunning the same command skips
 finished runs, so a run killed by ``--max_minutes`` or by hand continues where it stopped. The
@@ -62,8 +63,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run (YAML values), e.g. embed_dim=24 'num_heads=[3,6,12,24]'")
     p.add_argument("--ft_epochs", type=int, default=6, help="fine-tuning epochs (bundle max_epochs)")
-    p.add_argument("--lp_epochs", type=int, default=100, help="linear-probe epochs (bundle max_epochs)")
-    p.add_argument("--lp_lr", type=float, default=1e-3, help="linear-probe learning rate (bundle learning_rate)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per test report")
     p.add_argument("--max_minutes", type=float, default=0, help="start no new run after this (0: no limit)")
     p.add_argument("--output", type=Path, help="results JSON (default: <work_dir>/nodule_cv_results.json)")
@@ -207,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {f: hashlib.sha256((args.bundle / "configs" / f).read_bytes()).hexdigest()[:16]
                for f in ("train.yaml", "evaluate.yaml")}
     settings = {"bundle": str(args.bundle.resolve()), "config_sha256": configs, "overrides": overrides, "inits": inits,
-                "ft_epochs": args.ft_epochs, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr, "n_boot": args.n_boot}
+                "ft_epochs": args.ft_epochs, "n_boot": args.n_boot}
     results = json.loads(output.read_text()) if output.is_file() else {"settings": settings, "runs": {}}
     if results["settings"] != settings:
         raise SystemExit(f"{output} holds results of other settings ({results['settings']}); "
@@ -227,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         weights = None if inits[init] == "random" else inits[init]
         run_over = {**overrides, "fold": fold, "few_shot_fraction": fraction, "pretrained_path": weights}
-        extra = ({"max_epochs": args.ft_epochs} if mode == "finetune" else
-                 {"max_epochs": args.lp_epochs, "learning_rate": args.lp_lr, "augment": False})
+        extra = {"max_epochs": args.ft_epochs} if mode == "finetune" else {}
         run_dir = args.work_dir / "runs" / key.replace("|", "_")
         cache = persistent_datasets(args.work_dir / "preprocessed")
         run = bundle_run(args.bundle, {**run_over, **extra, **cache, "mode": mode}, run_dir, args.n_boot)

@@ -93,23 +93,19 @@ def test_resume_false_starts_over_and_resume_maybe_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_augment_false_embeds_one_view(tmp_path):
-    """Classification in linear_probe mode with cached features, ``--augment false``: one view per crop."""
+@pytest.mark.parametrize("spelling, augmented", [("false", False), ("No", False), ("TRUE", True)])
+def test_augment_spellings_decide_the_training_transforms(tmp_path, spelling, augmented):
+    """Classification fine-tuning through ``monai.bundle run``: ``--augment false`` leaves the training crops
+    unaugmented (the string 'false' used to switch augmentation on). A run id that prints the training transforms
+    after the bundle's own initialize shows what training would use."""
     bundle = tmp_path / "dagman_lung_nodule_ct_classification"
     shutil.copytree(CLASSIFY, bundle, ignore=shutil.ignore_patterns("models", "eval"))
     (bundle / "models").mkdir()
-    from dagman_components.networks import SwinDAGMaN
-
-    torch.manual_seed(0)
-    torch.save(SwinDAGMaN(embed_dim=12, depths=(2, 2, 2, 2), num_heads=(3, 3, 3, 3), sa_heads=4).state_dict(),
-               tmp_path / "encoder.pt")
-    files = repr([str(bundle / "configs" / "train.yaml")])
-    common = ["--config_file", files, "--bundle_root", str(bundle), "--dataset_dir", str(REPO / "data" / "lidc_nodules_sample"),
-              "--num_workers", "0", "--batch_size", "4", *TINY_ENCODER, "--pretrained_path", str(tmp_path / "encoder.pt"),
-              "--mode", "linear_probe", "--cache_features", "true", "--max_epochs", "1", "--logging_file",
-              str(bundle / "configs" / "logging.conf")]
-    run = _cli([*common, "--augment", "false"], tmp_path)
+    show = "$print('TRAIN_TRANSFORMS', sorted({type(t).__name__ for t in @train#preprocessing.transforms}))"
+    run = _cli(["--config_file", repr([str(bundle / "configs" / "train.yaml")]), "--bundle_root", str(bundle),
+                "--dataset_dir", str(REPO / "data" / "lidc_nodules_sample"), "--num_workers", "0", "--batch_size", "4",
+                *TINY_ENCODER, "--pretrained_path", "null", "--augment", spelling, "--run_id", "show",
+                "--show", show, "--final_id", "no_finalize"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
-    assert "training features: " in log and "x 1 view(s)" in log.split("training features: ")[1].splitlines()[0]
-    assert "(view 2/" not in log
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("TRAIN_TRANSFORMS")]
+    assert ("RandFlipd" in line) is augmented, line

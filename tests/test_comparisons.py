@@ -286,12 +286,14 @@ def test_compare_pretraining_failure_skips_the_variants_evaluations(compare, tmp
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["smit"] == {}
 
 
-def test_nodule_cache_holds_no_pickled_objects_and_reads_back_equal(compare, tmp_path):
+def test_nodule_cache_holds_no_pickled_objects_and_reads_back_equal(tmp_path):
+    from dagman_components.classification.encoder_comparison import load_nodule_set
+
     cache = tmp_path / "cache" / "nodules.pt"
-    first = compare.nodule_images(str(DATA / "lidc_nodules_sample"), cache)
+    first = load_nodule_set(DATA / "lidc_nodules_sample", cache)
     stored = torch.load(cache, weights_only=True)  # would refuse numpy arrays or other pickled objects
-    assert set(stored) == {"images", "labels", "patients", "ids"} and isinstance(stored["labels"], list)
-    again = compare.nodule_images(str(DATA / "lidc_nodules_sample"), cache)
-    assert torch.equal(first["images"], again["images"]) and first["ids"] == again["ids"]
-    assert np.array_equal(first["labels"], again["labels"]) and np.array_equal(first["patients"], again["patients"])
-    assert len(first["ids"]) == 24 and first["images"].shape[1:] == (1, 32, 32, 32)
+    assert set(stored) == {"images", "ids"}
+    again = load_nodule_set(DATA / "lidc_nodules_sample", cache)
+    assert torch.equal(first.images, again.images) and first.ids == again.ids
+    assert np.array_equal(first.labels, again.labels) and np.array_equal(first.patients, again.patients)
+    assert len(first.ids) == 24 and first.images.shape[1:] == (1, 32, 32, 32)

@@ -158,3 +158,64 @@ def test_batched_masks_stay_on_the_attention_device_and_dtype():
     s = torch.rand(2, N, dtype=torch.bfloat16)
     m = AttentionGuidedMasking()(s, GRID)
     assert m.dtype == torch.bool and m.device == s.device and m.sum(1).tolist() == [358 - 36] * 2
+
+
+# -- the masking protocol options (a [CLS] that can learn where the teacher looks)
+
+
+def test_mask_probability_leaves_that_share_of_views_whole():
+    s_att = torch.rand(400, 64).softmax(-1)
+    masking = AttentionGuidedMasking(mask_probability=0.5).set_random_state(3)
+    m = masking(s_att, (4, 4, 4))
+    counts = m.sum(1)
+    # a view is either masked by the rule (45 cells: 45 masked, 4 of the top 6 revealed... exactly 41) or not at all
+    assert set(counts.tolist()) == {0, 41}
+    assert 160 < int((counts == 0).sum()) < 240  # about half of 400
+    every = AttentionGuidedMasking(mask_probability=1.0).set_random_state(3)(s_att, (4, 4, 4))
+    assert set(every.sum(1).tolist()) == {41}
+    # the masked views keep the rule's cells: equal to the every-view masks where masked
+    masked = counts > 0
+    assert torch.equal(m[masked], every[masked])
+
+
+def test_mask_ratio_range_draws_each_views_ratio_within_it():
+    s_att = torch.rand(300, 64).softmax(-1)
+    m = AttentionGuidedMasking("attention_high", mask_ratio_range=(0.1, 0.5)).set_random_state(0)(s_att, (4, 4, 4))
+    counts = m.sum(1)
+    assert counts.min() >= round(0.1 * 64) and counts.max() <= round(0.5 * 64)
+    assert len(set(counts.tolist())) > 10  # the ratio varies from view to view
+    # each row is the rule at its own ratio: the k most attended cells
+    for row, k in zip(range(5), counts.tolist()):
+        top = torch.argsort(-s_att[row], stable=True)[:k]
+        assert bool(m[row, top].all())
+    with pytest.raises(ValueError, match="mask_ratio_range"):
+        AttentionGuidedMasking(mask_ratio_range=(0.6, 0.2))
+
+
+def test_attention_warmup_masks_randomly_until_the_step_then_by_attention():
+    s_att = torch.zeros(64, 64)
+    s_att[:, :8] = 1.0  # every view attends to the first 8 cells
+    s_att = s_att.softmax(-1)
+    masking = AttentionGuidedMasking("attention_high", mask_ratio=0.125, attention_warmup_steps=10)
+    early = masking.set_random_state(0)(s_att, (4, 4, 4), step=10)
+    late = masking.set_random_state(0)(s_att, (4, 4, 4), step=11)
+    assert bool(late[:, :8].all()) and int(late.sum()) == 64 * 8
+    assert int(early.sum()) == 64 * 8 and float(early[:, :8].float().mean()) < 0.3  # random: about 8 / 64
+    assert torch.equal(masking.set_random_state(0)(s_att, (4, 4, 4)), late)  # no step: after the warm-up
+
+
+def test_masks_from_the_clean_teacher_pass_differ_from_the_noisy_ones():
+    """clean_teacher_attention: the masks follow the clean pass's S_ATT, not the patch-dropped one."""
+    from dagman_components.masking import PatchDropout
+    from dagman_components.networks import EncoderOutput, SwinDAGMaN
+
+    torch.manual_seed(0)
+    teacher = SwinDAGMaN(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_stage=2, sa_heads=4).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    drop = PatchDropout(0.7).set_random_state(0)(2, (16, 16, 16))
+    with torch.no_grad():
+        clean, noisy = teacher(x)[EncoderOutput.S_ATT], teacher(x, token_drop=drop)[EncoderOutput.S_ATT]
+    masking = AttentionGuidedMasking("attention_high")
+    from_clean = masking.set_random_state(0)(clean, (4, 4, 4))
+    assert torch.equal(from_clean, masking.set_random_state(0)(clean, (4, 4, 4)))
+    assert not torch.equal(from_clean, masking.set_random_state(0)(noisy, (4, 4, 4)))

@@ -101,7 +101,7 @@ def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path)
     assert float(rows[1]["auc_global"]) == pytest.approx(probe.aucs["global"][1], abs=1e-5)
 
 
-def test_auc_equals_a_direct_scikit_learn_recomputation(tmp_path):
+def test_auc_equals_a_direct_scikit_learn_recomputation_of_the_balanced_probe(tmp_path):
     net = _network(seed=1)
     probe = _probe(tmp_path, network=net, interval=0)
     engine = _engine()
@@ -121,7 +121,7 @@ def test_auc_equals_a_direct_scikit_learn_recomputation(tmp_path):
         aucs = []
         for test in folds:
             train = np.setdiff1d(np.arange(len(labels)), test)
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0))
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=10000))
             aucs.append(roc_auc_score(labels[test], clf.fit(x[train], labels[train]).predict_proba(x[test])[:, 1]))
         assert probe.aucs[token][0] == pytest.approx(np.mean(aucs), abs=1e-6)
         assert probe.aucs[token][1] == probe.aucs[token][0]  # deterministic: same weights, same number
@@ -230,3 +230,34 @@ def test_override_config_adds_the_probe_to_the_trainer_handlers(tmp_path):
     assert probe.probe_dir.resolve() == SAMPLE.resolve() and len(probe.items) == 24
     assert probe.png_path == tmp_path / "runs" / "probe_auc.png"
     assert parser.get_parsed_content("checkpoint_objects")["probe"] is probe  # the header's checkpoint recipe
+
+
+def test_attention_option_records_shifted_crop_metrics_and_keeps_them_across_a_resume(tmp_path):
+    from dagman_components.handlers.probe import ATTENTION_SERIES
+
+    net = _network(seed=2)
+    probe = _probe(tmp_path, network=net, interval=0, attention=True, attention_patch_drop=0.7)
+    assert probe.data.masks.shape == probe.data.images.shape and float(probe.data.masks.sum()) > 0
+    engine = _engine()
+    probe.attach(engine)
+    engine.run(range(1), max_epochs=1)
+    assert probe.iterations == [0, 1]
+    state = probe.state_dict()
+    for name in ATTENTION_SERIES:
+        assert len(state[name]) == 2 and all(np.isfinite(state[name]))
+    assert state["att_cell_auroc"][0] != state["att_cell_auroc_noisy"][0]  # the noisy pass differs
+    with open(tmp_path / "probe_auc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", *ATTENTION_SERIES, "seconds"]
+    copy = _probe(tmp_path, network=net, interval=0, attention=True)
+    copy._recover_from_csv(1)  # a resumed run without the probe in its checkpoint reads the CSV back
+    assert all(copy.state_dict()[k] == pytest.approx(v, rel=1e-5) for k, v in state.items())
+
+
+def test_attention_option_needs_masks_and_says_where(tmp_path):
+    import shutil
+
+    folder = tmp_path / "nomask"
+    shutil.copytree(SAMPLE, folder, ignore=shutil.ignore_patterns("mask"))
+    with pytest.raises(FileNotFoundError, match="probe_attention"):
+        FrozenFeatureProbe(folder, attention=True, roi_size=32)

@@ -61,3 +61,4 @@ from dagman_components.classification.transforms import (
     nodule_preprocessing,
     world_to_voxel,
 )
+from dagman_components.classification.training import ProbeHeadInit, classifier_trainer

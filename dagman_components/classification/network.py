@@ -21,7 +21,7 @@ from monai.utils import StrEnum, look_up_option
 
 from dagman_components.classification.attention import attention_to_voxels
 from dagman_components.networks import SwinDAGMaN, unwrap
-from dagman_components.optim import param_groups_weight_decay
+from dagman_components.optim import layer_decay_param_groups, param_groups_weight_decay, swin_dagman_layer_ids
 from dagman_components.encoder_io import EncoderOutput, require_weights, weights_or_random
 from dagman_components.encoder_io import load_encoder_weights as encoder_io_load
 from dagman_components.weights import LoadReport
@@ -153,20 +153,29 @@ def load_encoder_weights(network: nn.Module, path: str | os.PathLike | None) -> 
 
 
 def classifier_param_groups(network: nn.Module, lr: float, weight_decay: float = 0.05,
-                            encoder_lr_factor: float = 1.0) -> list[dict]:
+                            encoder_lr_factor: float = 1.0, layer_decay: float | None = None) -> list[dict]:
     """Optimizer groups: head and encoder, each split into decayed / not decayed parameters
-    (:func:`~dagman_components.optim.param_groups_weight_decay`); the encoder's learning rate is
-    ``lr * encoder_lr_factor``. Frozen parameters (linear probing) and empty groups are left out.
+    (:func:`~dagman_components.optim.param_groups_weight_decay`). The encoder trains at
+    ``lr * encoder_lr_factor``, and with ``layer_decay`` each of its layers at that rate times
+    ``layer_decay ** (depth of the head - depth of the layer)``
+    (:func:`~dagman_components.optim.layer_decay_param_groups`; BEiT / MAE use 0.65-0.75). A head on
+    the [CLS] token sits one layer above the semantic-attention block. Frozen parameters (linear
+    probing) and empty groups are left out.
 
     Raises:
-        ValueError: when nothing is trainable.
+        ValueError: when nothing is trainable, or for a ``layer_decay`` outside (0, 1].
     """
     net = unwrap(network)
-    groups = []
-    for module, scale in ((net.head, 1.0), (net.encoder, encoder_lr_factor)):
-        for g in param_groups_weight_decay(module, weight_decay):
-            if g["params"]:
-                groups.append({**g, "lr": lr * scale})
+    groups = [{**g, "lr": lr} for g in param_groups_weight_decay(net.head, weight_decay) if g["params"]]
+    encoder_lr = lr * encoder_lr_factor
+    if layer_decay is None:
+        groups += [{**g, "lr": encoder_lr} for g in param_groups_weight_decay(net.encoder, weight_decay) if g["params"]]
+    else:
+        head_depth = None
+        if getattr(net, "token", None) == HeadToken.CLS:
+            sa_depths = [d for name, d in swin_dagman_layer_ids(net.encoder).items() if name.startswith("sa.")]
+            head_depth = max(sa_depths) + 1 if sa_depths else None
+        groups += layer_decay_param_groups(net.encoder, encoder_lr, weight_decay, layer_decay, head_depth)
     if not groups:
         raise ValueError("the network has no trainable parameter.")
     return groups

@@ -1,4 +1,4 @@
-"""Engines: the co-distillation trainer."""
+"""Engines: the co-distillation trainer and the linear-probe trainer."""
 
 from dagman_components.engines.co_distillation_trainer import (
     CoDistillationTrainer,
@@ -7,3 +7,4 @@ from dagman_components.engines.co_distillation_trainer import (
     autocast_settings,
     optimizer_steps_per_epoch,
 )
+from dagman_components.engines.linear_probe_trainer import LinearProbeTrainer

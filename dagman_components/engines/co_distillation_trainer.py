@@ -335,7 +335,7 @@ class CoDistillationTrainer(Trainer):
                 attention = [clean[0][EncoderOutput.S_ATT], clean[1][EncoderOutput.S_ATT]]
             else:
                 attention = [teacher_out[0][EncoderOutput.S_ATT], teacher_out[1][EncoderOutput.S_ATT]]
-        cell_masks = [self.masking(att, sa_grid, b) for att in attention]
+        cell_masks = [self.masking(att, sa_grid, b, step=int(self.state.iteration)) for att in attention]
         patch_mask = upsample_mask(torch.cat(cell_masks), sa_grid, encoder.patches_per_sa_cell)
         voxel_masks = [upsample_mask(m, sa_grid, encoder.sa_stride) for m in cell_masks]
 

@@ -2,8 +2,9 @@
 
 The pretraining loss says little about the downstream value of the features. This handler embeds
 a small labelled nodule set (the LIDC layout: ``nodules.csv`` + ``image/``) with the frozen
-teacher encoder every ``interval`` iterations, scores the ``cls`` and ``global`` tokens with a
-standardised logistic regression (or kNN) in patient-grouped stratified folds and records the
+teacher encoder every ``interval`` iterations, scores the ``cls`` and ``global`` tokens with the
+project's one linear probe (:mod:`dagman_components.probing`: standardised, balanced logistic
+regression fitted to its optimum; or kNN) in patient-grouped stratified folds and records the
 mean test ROC AUC over the folds, with the random-init baseline at iteration 0. It is off unless
 added to the trainer's handlers (``configs/probe.yaml`` of the pretraining bundle does so).
 
@@ -36,6 +37,7 @@ from dagman_components.data import HU_WINDOW
 from dagman_components.distributed import is_main_process
 from dagman_components.frozen_features import frozen_features, image_batches, module_device
 from dagman_components.networks.pretrain import unwrap
+from dagman_components.probing import CLASSIFIERS, DEFAULT_C, ProbeScores, probe_auc, probe_scores
 from dagman_components.handlers.curves import CurveHistory, CurveWriter
 
 __all__ = [
@@ -48,14 +50,15 @@ __all__ = [
     "probe_scores",
     "ProbeScores",
     "ProbeCurveWriter",
-]
+]  # CLASSIFIERS, probe_auc, probe_scores and ProbeScores are dagman_components.probing's, re-exported
 
 logger = logging.getLogger(__name__)
 
-#: The classifiers a probe can fit on the frozen features.
-CLASSIFIERS: tuple[str, ...] = ("logistic", "knn")
 #: Config key of the labelled folder, named in every error about it.
 _DIR_KEY = "probe_dir"
+#: Series the ``attention`` option adds: S_ATT's cell AUROC and mass ratio on shifted crops, clean and noisy pass
+#: (:func:`~dagman_components.metrics.attention_localisation.attention_localisation`).
+ATTENTION_SERIES: tuple[str, ...] = ("att_cell_auroc", "att_mass_ratio", "att_cell_auroc_noisy", "att_mass_ratio_noisy")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ProbeData:
         patients: (N,) patient ids (the folds keep each patient's nodules together).
         ids: the case ids, in table order.
         folds: the test indices of each patient-grouped stratified fold.
+        masks: (N, 1, D, H, W) lesion masks on the images' grid (only with the ``attention`` option).
     """
 
     images: torch.Tensor
@@ -75,6 +79,7 @@ class ProbeData:
     patients: np.ndarray
     ids: list[str]
     folds: list[np.ndarray]
+    masks: torch.Tensor | None = None
 
 
 def _patients_per_class(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
@@ -130,105 +135,6 @@ def check_probe_classes(items: Sequence[Mapping[str, Any]], n_folds: int, source
         )
 
 
-def _make_classifier(classifier: str, n_train: int, C: float, max_iter: int, n_neighbors: int,
-                     class_weight: str | None, seed: int) -> Any:
-    """A fresh StandardScaler + classifier pipeline (LogisticRegression or kNN)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if classifier == "knn":
-        model = KNeighborsClassifier(n_neighbors=max(1, min(int(n_neighbors), n_train)))
-    else:
-        model = LogisticRegression(C=float(C), max_iter=int(max_iter), class_weight=class_weight, random_state=seed)
-    return make_pipeline(StandardScaler(), model)
-
-
-@dataclass
-class ProbeScores:
-    """Out-of-fold results of a probe.
-
-    Attributes:
-        scores: (N,) malignancy probability of each case from the fold that held it out (NaN for
-            the cases of skipped folds).
-        fold_aucs: test ROC AUC of each scored fold, in fold order.
-        scored: mask (N,) of the cases that have a score.
-    """
-
-    scores: np.ndarray
-    fold_aucs: list[float]
-    scored: np.ndarray
-
-
-def probe_scores(
-    features: np.ndarray,
-    labels: np.ndarray,
-    folds: Sequence[np.ndarray],
-    classifier: str = "logistic",
-    C: float = 1.0,
-    max_iter: int = 2000,
-    n_neighbors: int = 10,
-    class_weight: str | None = None,
-    seed: int = 0,
-) -> ProbeScores:
-    """Cross-validated scores of a classifier fitted on standardised frozen features.
-
-    For each fold, StandardScaler + the classifier are fitted on the other folds and the test
-    fold's malignancy probabilities are scored with ``sklearn.metrics.roc_auc_score``. Folds whose
-    test or training part lacks a class are skipped (with a warning).
-
-    Args:
-        features: (N, C) features.
-        labels: (N,) 0 / 1 labels.
-        folds: test indices of each fold (a partition of ``range(N)``).
-        classifier: ``"logistic"`` (LogisticRegression) or ``"knn"`` (KNeighborsClassifier, the
-            share of malignant neighbours as the score).
-        C: inverse L2 strength of the logistic regression.
-        max_iter: iterations of the logistic regression's solver.
-        n_neighbors: k of the kNN (capped at the training size).
-        class_weight: the logistic regression's ``class_weight`` (``None`` or ``"balanced"``).
-        seed: ``random_state`` of the logistic regression.
-
-    Returns:
-        The out-of-fold scores and the AUC of each scored fold; no fold is scored when the
-        features are not finite.
-
-    Raises:
-        ValueError: for an unknown ``classifier``.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    if classifier not in CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
-    x, y = np.asarray(features, dtype=np.float64), np.asarray(labels).astype(int)
-    result = ProbeScores(scores=np.full(len(y), np.nan), fold_aucs=[], scored=np.zeros(len(y), bool))
-    if not np.isfinite(x).all():
-        logger.warning("probe: the features are not finite (diverged weights?); AUC set to NaN")
-        return result
-    for k, test in enumerate(folds):
-        train = np.setdiff1d(np.arange(len(y)), test)
-        if len(np.unique(y[test])) < 2 or len(np.unique(y[train])) < 2:
-            logger.warning("probe: fold %d lacks a class in its test or training part; skipped", k)
-            continue
-        model = _make_classifier(classifier, len(train), C, max_iter, n_neighbors, class_weight, seed)
-        model.fit(x[train], y[train])
-        result.scores[test] = model.predict_proba(x[test])[:, 1]
-        result.scored[test] = True
-        result.fold_aucs.append(float(roc_auc_score(y[test], result.scores[test])))
-    return result
-
-
-def probe_auc(features: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarray], **kwargs: Any) -> float:
-    """Mean test ROC AUC over the folds of :func:`probe_scores` (same arguments).
-
-    Returns:
-        The mean AUC, or NaN when the features are not finite or no fold could be scored.
-    """
-    aucs = probe_scores(features, labels, folds, **kwargs).fold_aucs
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 class ProbeCurveWriter(CurveWriter):
     """The probe ROC AUC of each token over the pretraining iterations: ``png_path`` and its CSV
     (``iteration,auc_<token>...,seconds``), through the one curve writer. :class:`FrozenFeatureProbe`
@@ -247,19 +153,27 @@ class ProbeCurveWriter(CurveWriter):
     x_name = "iteration"
 
     def __init__(self, png_path: str | os.PathLike, tokens: Sequence[str], history: CurveHistory | None = None,
-                 title: str = "DAGMaN pretraining: frozen-feature probe") -> None:
+                 title: str = "DAGMaN pretraining: frozen-feature probe", attention: bool = False) -> None:
         super().__init__(png_path, history)
         self.tokens = [str(t) for t in tokens]
         self.title = title
+        self.attention = bool(attention)
 
     def record(self, engine: Engine) -> None:
         """Nothing per iteration: the probe adds its points when it probes."""
 
+    def _draw_attention(self, ax: Any) -> None:
+        _draw_attention_panel(ax, self.history)
+
     def columns(self) -> list[str]:
-        return [f"auc_{t}" for t in self.tokens] + ["seconds"]
+        return [f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else []) + ["seconds"]
 
     def draw(self, plt: Any) -> Any:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        if self.attention:
+            fig, (ax, att) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120)
+            self._draw_attention(att)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         its = self.history.xs("seconds")
         for n, token in enumerate(self.tokens):
             values, colour = self.history.values(f"auc_{token}"), f"C{n}"
@@ -279,6 +193,28 @@ class ProbeCurveWriter(CurveWriter):
         return fig
 
 
+def _draw_attention_panel(ax: Any, history: CurveHistory) -> None:
+    """S_ATT on shifted crops: cell AUROC (left axis) and mass ratio (right axis), clean and noisy pass."""
+    its = history.xs("seconds")
+    for name, style in (("att_cell_auroc", "-"), ("att_cell_auroc_noisy", "--")):
+        ax.plot(its, history.values(name), style, marker="o", ms=3, color="C2",
+                label="cell AUROC" + (" (noisy pass)" if "noisy" in name else ""))
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_ylabel("S_ATT cell AUROC (lesion cells vs the rest)")
+    ax.set_xlabel("iteration")
+    ratio = ax.twinx()
+    for name, style in (("att_mass_ratio", "-"), ("att_mass_ratio_noisy", "--")):
+        ratio.plot(its, history.values(name), style, marker="s", ms=3, color="C3",
+                   label="mass ratio" + (" (noisy pass)" if "noisy" in name else ""))
+    ratio.axhline(1.0, color="C3", ls=":", lw=1)
+    ratio.set_ylabel("S_ATT mass on the lesion / lesion share (1: uniform)")
+    lines = ax.get_legend_handles_labels()
+    more = ratio.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    ax.set_title("attention on shifted crops")
+    ax.grid(alpha=0.3)
+
+
 class FrozenFeatureProbe:
     """Probe the frozen teacher's features on a labelled nodule set during pretraining.
 
@@ -292,7 +228,7 @@ class FrozenFeatureProbe:
       carry it across resumes; without that, a resumed run reads back the rows of its CSV up to the
       resumed iteration);
     * sets ``engine.state.probe`` (iteration, ``auc_<token>``, seconds, cases, folds);
-    * adds ``probe_auc_<token>`` to ``engine.state.output["scalars"]`` when that is a dict (the
+    * adds ``probe_<series>`` (``probe_auc_<token>``, and the attention series) to ``engine.state.output["scalars"]`` when that is a dict (the
       bundle's TensorBoard handler, attached after it, logs it);
     * logs one INFO line and rewrites ``png_path`` and the CSV next to it, atomically.
 
@@ -314,10 +250,9 @@ class FrozenFeatureProbe:
         hu_window: HU window scaled to [0, 1] (the pretraining one).
         n_folds: patient-grouped stratified folds.
         classifier: ``"logistic"`` (default) or ``"knn"``.
-        C: inverse L2 strength of the logistic regression.
-        max_iter: iterations of the logistic regression.
+        C: inverse L2 strength of the logistic probe
+            (:func:`~dagman_components.probing.fit_logistic_probe`, balanced classes).
         n_neighbors: k of the kNN classifier.
-        class_weight: ``class_weight`` of the logistic regression (``None`` or ``"balanced"``).
         batch_size: images per forward pass.
         max_cases: keep a seeded, label-stratified subset of whole patients of about this many
             nodules (:func:`select_cases`); ``None`` keeps all.
@@ -325,6 +260,12 @@ class FrozenFeatureProbe:
         seed: seed of the folds, the subset and the classifier.
         device: where the features are computed; default the engine's (``engine.state.device``), else
             the network's.
+        attention: also measure where S_ATT looks, on the lesion masks of ``probe_dir/mask/`` (same file
+            names as ``image/``): cell AUROC and mass ratio on crops shifted by up to
+            ``attention_shift`` voxels per axis, for the clean pass and a noisy pass
+            (:data:`ATTENTION_SERIES`; cases with an empty mask are left out).
+        attention_shift: largest shift per axis, in voxels.
+        attention_patch_drop: token-drop rate of the noisy pass (the run's ``teacher_patch_drop``).
 
     Raises:
         FileNotFoundError: ``probe_dir``, its ``nodules.csv`` or its ``image/`` folder is missing
@@ -352,15 +293,16 @@ class FrozenFeatureProbe:
         hu_window: Sequence[float] = HU_WINDOW,
         n_folds: int = 3,
         classifier: str = "logistic",
-        C: float = 1.0,
-        max_iter: int = 2000,
+        C: float = DEFAULT_C,
         n_neighbors: int = 10,
-        class_weight: str | None = None,
         batch_size: int = 16,
         max_cases: int | None = None,
         tokens: Sequence[str] = ("cls", "global"),
         seed: int = 0,
         device: torch.device | str | None = None,
+        attention: bool = False,
+        attention_shift: int = 8,
+        attention_patch_drop: float = 0.7,
     ) -> None:
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
@@ -372,16 +314,18 @@ class FrozenFeatureProbe:
         self.png_path = Path(png_path) if png_path is not None else None
         self.roi_size, self.spacing, self.hu_window = roi_size, spacing, hu_window
         self.n_folds = int(n_folds)
-        self.classifier, self.C, self.max_iter = classifier, float(C), int(max_iter)
-        self.n_neighbors, self.class_weight = int(n_neighbors), class_weight
+        self.classifier, self.C, self.n_neighbors = classifier, float(C), int(n_neighbors)
         self.batch_size, self.max_cases = int(batch_size), max_cases
         self.tokens = [str(t) for t in tokens]
         self.seed = int(seed)
         self.device = device
+        self.attention, self.attention_shift = bool(attention), int(attention_shift)
+        self.attention_patch_drop = float(attention_patch_drop)
         self.items = self._read_items()
         self._data: ProbeData | None = None
         self.history = CurveHistory("iteration")  # auc_<token> and seconds per probed iteration
-        self.curves = ProbeCurveWriter(self.png_path, self.tokens, self.history) if self.png_path is not None else None
+        self.curves = (ProbeCurveWriter(self.png_path, self.tokens, self.history, attention=self.attention)
+                       if self.png_path is not None else None)
 
     # -- the labelled set
 
@@ -398,6 +342,12 @@ class FrozenFeatureProbe:
             items = read_nodule_table(os.path.join(self.probe_dir, "nodules.csv"), image_dir=image_dir)
         except NoduleTableError as e:
             raise NoduleTableError(f"{_DIR_KEY} '{self.probe_dir}': {e}") from e
+        if self.attention:
+            mask_dir = self.probe_dir / "mask"
+            if not mask_dir.is_dir():
+                raise FileNotFoundError(f"{_DIR_KEY}: the attention option needs lesion masks in '{mask_dir}' (same "
+                                        "file names as image/); add them or set probe_attention false.")
+            items = [{**it, "mask": str(mask_dir / Path(str(it["image"])).name)} for it in items]
         items = select_cases(items, self.max_cases, self.seed)
         check_probe_classes(items, self.n_folds, str(self.probe_dir))
         return items
@@ -414,6 +364,29 @@ class FrozenFeatureProbe:
             images.append(torch.as_tensor(img.as_tensor() if hasattr(img, "as_tensor") else img, dtype=torch.float32))
         return torch.stack(images)
 
+    def _preprocess_masks(self) -> torch.Tensor:
+        """The (N, 1, D, H, W) lesion masks of :attr:`items`, on the images' grid."""
+        from monai.utils import ensure_tuple_rep
+
+        from dagman_components.metrics.attention_in_mask import nodule_and_mask_transforms
+
+        transform = nodule_and_mask_transforms(ensure_tuple_rep(self.roi_size, 3), self.spacing, self.hu_window)
+        return torch.stack([torch.as_tensor(transform(dict(it))["mask"], dtype=torch.float32) for it in self.items])
+
+    def attention_scores(self, engine: Engine | None = None) -> dict[str, float]:
+        """S_ATT's cell AUROC and mass ratio on shifted crops, clean and noisy pass (:data:`ATTENTION_SERIES`)."""
+        from dagman_components.metrics.attention_localisation import attention_localisation
+
+        encoder = self._encoder(engine)
+        d, device = self.data, self._device(engine, encoder)
+        out = {}
+        for suffix, drop in (("", 0.0), ("_noisy", self.attention_patch_drop)):
+            report = attention_localisation(encoder, d.images, d.masks, max_shift=self.attention_shift,
+                                            seed=self.seed, patch_drop=drop, batch_size=self.batch_size, device=device)
+            out[f"att_cell_auroc{suffix}"] = report["s_att"]["cell_auroc"]
+            out[f"att_mass_ratio{suffix}"] = report["s_att"]["mass_ratio"]
+        return out
+
     @property
     def data(self) -> ProbeData:
         """The preprocessed labelled set and its folds (built on first use, then kept)."""
@@ -425,6 +398,7 @@ class FrozenFeatureProbe:
                 images=self._preprocess(), labels=labels, patients=patients,
                 ids=[str(it["id"]) for it in self.items],
                 folds=grouped_stratified_folds(labels, patients, self.n_folds, self.seed),
+                masks=self._preprocess_masks() if self.attention else None,
             )
             logger.info("probe set: %d nodules (%d malignant) of %d patients from %s, preprocessed in %.1f s",
                         len(labels), int(labels.sum()), len(set(patients.tolist())), self.probe_dir,
@@ -471,8 +445,7 @@ class FrozenFeatureProbe:
         """
         d = self.data
         return {t: probe_auc(features[t], d.labels, d.folds, classifier=self.classifier, C=self.C,
-                             max_iter=self.max_iter, n_neighbors=self.n_neighbors, class_weight=self.class_weight,
-                             seed=self.seed) for t in self.tokens}
+                             n_neighbors=self.n_neighbors) for t in self.tokens}
 
     def run_probe(self, engine: Engine) -> dict[str, Any]:
         """Probe now, record the result and report it (files, state, scalars, log).
@@ -485,14 +458,16 @@ class FrozenFeatureProbe:
         """
         data = self.data  # first use: preprocessing is not counted in the probe's seconds
         t0 = time.perf_counter()
-        aucs = self.score(self.features(engine))
+        values = {f"auc_{t}": auc for t, auc in self.score(self.features(engine)).items()}
+        if self.attention:
+            values.update(self.attention_scores(engine))
         seconds = time.perf_counter() - t0
         iteration = int(engine.state.iteration)
-        for t in self.tokens:
-            self.history.add(f"auc_{t}", iteration, aucs[t])
+        for name, value in values.items():
+            self.history.add(name, iteration, value)
         self.history.add("seconds", iteration, seconds)
-        result = {"iteration": iteration, **{f"auc_{t}": aucs[t] for t in self.tokens}, "seconds": seconds,
-                  "cases": len(data.labels), "folds": len(data.folds)}
+        result = {"iteration": iteration, **values, "seconds": seconds, "cases": len(data.labels),
+                  "folds": len(data.folds)}
         self._report(engine, result)
         return result
 
@@ -500,10 +475,12 @@ class FrozenFeatureProbe:
         engine.state.probe = dict(result)
         output = engine.state.output
         if isinstance(output, dict) and isinstance(output.get("scalars"), dict):
-            output["scalars"].update({f"probe_auc_{t}": result[f"auc_{t}"] for t in self.tokens})
-        logger.info("probe @ iteration %d: AUC %s (%d cases, %d folds, %.1f s)", result["iteration"],
+            output["scalars"].update({f"probe_{name}": result[name] for name in self.series})
+        logger.info("probe @ iteration %d: AUC %s (%d cases, %d folds, %.1f s)%s", result["iteration"],
                     ", ".join(f"{t} {result[f'auc_{t}']:.3f}" for t in self.tokens), result["cases"], result["folds"],
-                    result["seconds"])
+                    result["seconds"], "" if not self.attention else
+                    "; S_ATT on shifted crops: cell AUROC {:.3f} (noisy {:.3f}), mass ratio {:.2f} (noisy {:.2f})".format(
+                        *(result[k] for k in ATTENTION_SERIES[::2] + ATTENTION_SERIES[1::2])))
         self.write()
 
     # -- ignite
@@ -568,16 +545,21 @@ class FrozenFeatureProbe:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
             state = {"iterations": [int(r["iteration"]) for r in rows], "seconds": [float(r["seconds"]) for r in rows],
-                     **{f"auc_{t}": [float(r[f"auc_{t}"]) for r in rows] for t in self.tokens}}
+                     **{name: [float(r[name]) for r in rows] for name in self.series}}
         except (KeyError, ValueError) as e:
             logger.warning("probe: cannot read back the history of %s (%s); it starts anew", path, e)
             return
         self.load_state_dict(state)
         logger.info("probe: %d earlier point(s) read back from %s", len(rows), path)
 
+    @property
+    def series(self) -> list[str]:
+        """The recorded series besides ``seconds``: ``auc_<token>``, then :data:`ATTENTION_SERIES` with ``attention``."""
+        return [f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else [])
+
     def state_dict(self) -> dict[str, list]:
-        """The history: ``iterations``, ``auc_<token>`` and ``seconds`` (plain lists, checkpoint-safe)."""
-        return {"iterations": list(self.iterations), **{f"auc_{t}": list(v) for t, v in self.aucs.items()},
+        """The history: ``iterations``, every series and ``seconds`` (plain lists, checkpoint-safe)."""
+        return {"iterations": list(self.iterations), **{name: self.history.values(name) for name in self.series},
                 "seconds": list(self.seconds)}
 
     def load_state_dict(self, state: Mapping[str, Sequence[Any]]) -> None:
@@ -589,12 +571,12 @@ class FrozenFeatureProbe:
         Raises:
             ValueError: when its lists differ in length or a token is missing.
         """
-        missing = [k for k in ("iterations", "seconds", *(f"auc_{t}" for t in self.tokens)) if k not in state]
-        lengths = {len(v) for k, v in state.items() if k == "iterations" or k == "seconds" or k.startswith("auc_")}
+        missing = [k for k in ("iterations", "seconds", *self.series) if k not in state]
+        lengths = {len(state[k]) for k in ("iterations", "seconds", *self.series) if k in state}
         if missing or len(lengths) > 1:
             raise ValueError(f"probe history: missing {missing} or lists of different lengths {sorted(lengths)}.")
         self.history.series.clear()
         for n, iteration in enumerate(state["iterations"]):
-            for t in self.tokens:
-                self.history.add(f"auc_{t}", iteration, state[f"auc_{t}"][n])
+            for name in self.series:
+                self.history.add(name, iteration, state[name][n])
             self.history.add("seconds", iteration, state["seconds"][n])

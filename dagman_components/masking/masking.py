@@ -76,9 +76,17 @@ class AttentionGuidedMasking(Randomizable):
         hint_rule: a :class:`HintRule` value.
         min_block_cells: smallest cuboid volume for ``block``.
         min_aspect: smallest aspect ratio of a cuboid for ``block``.
+        mask_probability: the probability that an image is masked at all (AttMask masks half the
+            images: 0.5); an unmasked image gets an all-False mask, so its [CLS] sees everything the
+            teacher attends to. 1 masks every image (the paper's reading).
+        mask_ratio_range: ``(low, high)``: each masked image draws its ratio uniformly from this range
+            instead of using ``mask_ratio`` (AttMask: 0.3 +/- 0.2 is ``(0.1, 0.5)``).
+        attention_warmup_steps: for the attention strategies, the first this many optimizer steps
+            (``step`` of :meth:`__call__`, 1-based) mask uniformly random cells instead (iBOT starts
+            masking late; a freshly initialised teacher's attention carries no information).
 
     Raises:
-        ValueError: for an unknown strategy or rule or a ratio out of range.
+        ValueError: for an unknown strategy or rule or a ratio or probability out of range.
 
     Example::
 
@@ -94,9 +102,20 @@ class AttentionGuidedMasking(Randomizable):
         hint_rule: str = HintRule.ATTMASK,
         min_block_cells: int = 4,
         min_aspect: float = 0.3,
+        mask_probability: float = 1.0,
+        mask_ratio_range: Sequence[float] | None = None,
+        attention_warmup_steps: int = 0,
     ) -> None:
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+        if not 0.0 <= float(mask_probability) <= 1.0:
+            raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}.")
+        if mask_ratio_range is not None:
+            low, high = (float(v) for v in mask_ratio_range)
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(f"mask_ratio_range must be [low, high] with 0 < low <= high < 1, got {list(mask_ratio_range)}.")
+        if int(attention_warmup_steps) < 0:
+            raise ValueError(f"attention_warmup_steps must be >= 0, got {attention_warmup_steps}.")
         if not 0.0 <= hint_ratio < 1.0:
             raise ValueError(f"hint_ratio must be in [0, 1), got {hint_ratio}.")
         if not 0.0 < min_aspect <= 1.0:
@@ -107,6 +126,9 @@ class AttentionGuidedMasking(Randomizable):
         self.hint_ratio = hint_ratio
         self.min_block_cells = max(1, int(min_block_cells))
         self.min_aspect = min_aspect
+        self.mask_probability = float(mask_probability)
+        self.mask_ratio_range = None if mask_ratio_range is None else tuple(float(v) for v in mask_ratio_range)
+        self.attention_warmup_steps = int(attention_warmup_steps)
 
     @property
     def needs_attention(self) -> bool:
@@ -121,10 +143,10 @@ class AttentionGuidedMasking(Randomizable):
         keys = torch.from_numpy(self.R.random_sample((batch_size, n))).to(device)
         return torch.argsort(keys, dim=1)
 
-    def _attention_masks(self, scores: torch.Tensor) -> torch.Tensor:
+    def _attention_masks(self, scores: torch.Tensor, mask_ratio: float) -> torch.Tensor:
         """Masks of the attention strategies for a whole batch, on the device of ``scores`` (B, N)."""
         b, n = scores.shape
-        c = masking_counts(n, self.mask_ratio, self.hint_ratio)
+        c = masking_counts(n, mask_ratio, self.hint_ratio)
         order = torch.argsort(-scores, dim=1, stable=True)  # most attended first, ties by position
         if self.strategy == MaskingStrategy.ATTENTION_LOW:
             chosen = order[:, n - c["num_masked"] :]
@@ -143,9 +165,9 @@ class AttentionGuidedMasking(Randomizable):
                 mask.scatter_(1, pool.gather(1, picks), False)
         return mask
 
-    def _block_mask(self, grid: Sequence[int]) -> np.ndarray:
+    def _block_mask(self, grid: Sequence[int], mask_ratio: float) -> np.ndarray:
         n = int(np.prod(grid))
-        target = masking_counts(n, self.mask_ratio, self.hint_ratio)["num_masked"]
+        target = masking_counts(n, mask_ratio, self.hint_ratio)["num_masked"]
         mask = np.zeros(tuple(grid), dtype=bool)
         log_aspect = (math.log(self.min_aspect), -math.log(self.min_aspect))
         for _ in range(10 * n):
@@ -168,7 +190,8 @@ class AttentionGuidedMasking(Randomizable):
             flat[self.R.choice(np.flatnonzero(~flat), size=missing, replace=False)] = True
         return flat
 
-    def __call__(self, s_att: torch.Tensor | None, grid: Sequence[int], batch_size: int | None = None) -> torch.Tensor:
+    def __call__(self, s_att: torch.Tensor | None, grid: Sequence[int], batch_size: int | None = None,
+                 step: int | None = None) -> torch.Tensor:
         """Draw one mask per image.
 
         Args:
@@ -176,6 +199,7 @@ class AttentionGuidedMasking(Randomizable):
                 ``block`` when ``batch_size`` is given.
             grid: the SA grid (d, h, w), with ``d*h*w == N``.
             batch_size: images to mask when ``s_att`` is ``None``.
+            step: the 1-based optimizer step (for ``attention_warmup_steps``; ``None``: after it).
 
         Returns:
             A boolean tensor (B, N), True = masked, on ``s_att``'s device (CPU otherwise).
@@ -193,12 +217,29 @@ class AttentionGuidedMasking(Randomizable):
             if s_att.ndim != 2 or s_att.shape[1] != n:
                 raise ValueError(f"s_att has shape {tuple(s_att.shape)}, expected (B, {n}) for grid {tuple(grid)}.")
             b, device = s_att.shape[0], s_att.device
-        if self.needs_attention:
-            return self._attention_masks(s_att.detach().float())  # type: ignore[union-attr]
-        if self.strategy == MaskingStrategy.RANDOM:
-            chosen = self._uniform_ranks(b, n, device)[:, : masking_counts(n, self.mask_ratio, self.hint_ratio)["num_masked"]]
+        warming_up = self.needs_attention and step is not None and int(step) <= self.attention_warmup_steps
+        strategy = MaskingStrategy.RANDOM if warming_up else self.strategy
+        if self.mask_ratio_range is None:
+            masks = self._masks(strategy, s_att, grid, b, device, self.mask_ratio)
+        else:  # one ratio per image
+            ratios = self.R.uniform(*self.mask_ratio_range, size=b)
+            masks = torch.cat([self._masks(strategy, None if s_att is None else s_att[i : i + 1], grid, 1, device, float(r))
+                               for i, r in enumerate(ratios)])
+        if self.mask_probability < 1.0:
+            keep = torch.from_numpy(self.R.random_sample(b) < self.mask_probability).to(masks.device)
+            masks = masks & keep[:, None]
+        return masks
+
+    def _masks(self, strategy: str, s_att: torch.Tensor | None, grid: Sequence[int], b: int, device: torch.device,
+               mask_ratio: float) -> torch.Tensor:
+        """(B, N) masks of one strategy at one ratio."""
+        n = int(np.prod(grid))
+        if strategy.startswith("attention"):
+            return self._attention_masks(s_att.detach().float(), mask_ratio)  # type: ignore[union-attr]
+        if strategy == MaskingStrategy.RANDOM:
+            chosen = self._uniform_ranks(b, n, device)[:, : masking_counts(n, mask_ratio, self.hint_ratio)["num_masked"]]
             return torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, chosen, True)
-        return torch.from_numpy(np.stack([self._block_mask(grid) for _ in range(b)])).to(device)
+        return torch.from_numpy(np.stack([self._block_mask(grid, mask_ratio) for _ in range(b)])).to(device)
 
 
 class PatchDropout(Randomizable):
