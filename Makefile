@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "NVIDIA GPU found: torch comes from PyPI"; \
 	else $(PY) -m pip install --quiet "torch==2.13.0"; fi
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,tracking,deploy]"
 	touch $@
 
 install: $(VENV)/.installed

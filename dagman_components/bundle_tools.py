@@ -354,6 +354,58 @@ def build_components_wheel(out_dir: str | os.PathLike) -> Path:
     return wheels[0]
 
 
+METADATA_PATH = "configs/metadata.json"
+
+
+def _metadata_following_weights(bundle: Path, files: Sequence[Path]) -> bytes | None:
+    """``configs/metadata.json`` with its output channels measured from the shipped weights' model card.
+
+    The inference configs build the network from ``models/model_card.json``, so the channels the metadata
+    declares (e.g. the paper-size encoder's 384 features) can differ from the shipped weights' (192 for the
+    ``make demo`` encoder, embed 24); the zoo's ``verify_data_shape`` would then fail on the zip.
+
+    Args:
+        bundle: the bundle folder.
+        files: the files going into the zip (relative paths).
+
+    Returns:
+        the metadata to ship when its single output's ``num_channels`` differs from the measured one (a
+        warning names both); ``None`` when it agrees, or no card or no inference config ships.
+
+    Raises:
+        BundleCheckError: the network of the card cannot be built or run; the problem names the metadata value,
+            the card and the error.
+    """
+    shipped = {rel.as_posix() for rel in files}
+    card = f"models/{MODEL_CARD_NAME}"
+    if card not in shipped or "models/model.pt" not in shipped or not any((bundle / c).is_file() for c in INFERENCE_CONFIGS):
+        return None
+    metadata = json.loads((bundle / METADATA_PATH).read_text(encoding="utf-8"))
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    if len(outputs) != 1 or "num_channels" not in next(iter(outputs.values())):
+        return None
+    key, output = next(iter(outputs.items()))
+    declared = output["num_channels"]
+    from dagman_components.zoo_checks import measured_output_channels  # imports torch: only when weights ship
+
+    try:
+        measured = measured_output_channels(bundle)
+    except Exception as err:  # any failure to build or run the network: refuse, naming both sides
+        root = err
+        while root.__cause__ is not None:  # MONAI wraps the error in the config expression's text
+            root = root.__cause__
+        reason = (str(root).strip().splitlines() or [""])[0]
+        raise BundleCheckError(bundle, [
+            f"{METADATA_PATH}: declares {declared} output channels ('{key}'), and the network of {card} could not "
+            f"be built to check it ({type(root).__name__}: {reason}); fix the card or the inference config"]) from err
+    if measured == declared:
+        return None
+    logger.warning("%s declares %s output channels ('%s'); the shipped weights' %s gives %d: the zip's metadata says %d",
+                   METADATA_PATH, declared, key, card, measured, measured)
+    output["num_channels"] = measured
+    return (json.dumps(metadata, indent=4) + "\n").encode()
+
+
 def package_bundle(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -415,6 +467,7 @@ def package_bundle(
 
     limit = int(max_file_mb * 1024 * 1024)
     files = bundle_files(bundle, keep_models=keep_models, skip=out)
+    metadata_bytes = _metadata_following_weights(bundle, files)
     large = [rel for rel in files if (bundle / rel).stat().st_size > limit and not _is_required(rel)]
     listed = {}
     if large:
@@ -436,6 +489,9 @@ def package_bundle(
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             for rel in progress(files, f"packaging {name}", unit="file"):
                 info = _zip_info(f"{name}/{rel.as_posix()}")
+                if rel.as_posix() == METADATA_PATH and metadata_bytes is not None:
+                    zf.writestr(info, metadata_bytes)
+                    continue
                 with (bundle / rel).open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
             if large_yaml is not None:

@@ -10,6 +10,7 @@ after the first epoch (or, for an output folder, at the first checkpoint).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -18,7 +19,112 @@ import numpy as np
 
 from dagman_components.errors import ConfigValueError
 
-__all__ = ["check_positive_int", "check_choice", "check_writable_dir"]
+__all__ = [
+    "BOOLEAN_SETTINGS",
+    "as_bool",
+    "check_positive_int",
+    "check_choice",
+    "check_writable_dir",
+    "normalize_boolean_settings",
+]
+
+#: Every top-level on/off setting of every bundle config (tests/test_booleans.py checks that each ``true``/``false``
+#: key of every bundle YAML is listed here). ``normalize_boolean_settings`` turns their values into ``bool``.
+BOOLEAN_SETTINGS = frozenset(
+    {
+        "amp",
+        "augment",
+        "clean_teacher_attention",
+        "fill_holes",
+        "head_batch_norm",
+        "keep_largest_component",
+        "probe_attention",
+        "probe_cached",
+        "resume",
+        "save_attention",
+        "teacher_amp",
+        "use_checkpoint",
+    }
+)
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off"})
+
+
+def as_bool(value: Any, key: str) -> bool:
+    """Read an on/off setting the way a user writes it on the command line or in YAML.
+
+    ``python -m monai.bundle run --resume false`` hands the string ``'false'`` to the config (Python Fire reads
+    only ``False`` as a boolean), and a non-empty string is true in Python; this turns every usual spelling into
+    a ``bool``.
+
+    Args:
+        value: the setting's value: a ``bool``, ``0``/``1``, or a string ``true``/``false``, ``yes``/``no``,
+            ``on``/``off``, ``1``/``0`` in any case.
+        key: the config key, named in the error.
+
+    Returns:
+        ``value`` as a ``bool``.
+
+    Raises:
+        ConfigValueError: any other value (e.g. ``'maybe'``, ``2``, ``None``).
+
+    Example:
+        >>> as_bool("False", key="resume"), as_bool("yes", key="augment"), as_bool(0, key="amp")
+        (False, True, False)
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigValueError(f"{key} must be true or false (also yes/no, 1/0), got {value!r}; set --{key} true or --{key} false.")
+
+
+def _running_resolver() -> Any:
+    """The ``monai.bundle.ReferenceResolver`` evaluating the calling config expression, or ``None``."""
+    from monai.bundle.reference_resolver import ReferenceResolver
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ReferenceResolver):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def normalize_boolean_settings() -> list[str]:
+    """Turn every on/off setting of the running bundle config into a ``bool`` before anything reads it.
+
+    Called as the first ``initialize`` expression of every bundle config (``monai.bundle run`` resolves items
+    lazily, so nothing has read a setting yet). ``monai.bundle`` offers no hook between the command-line
+    overrides and resolution, so this finds the resolver that evaluates the expression on the call stack and
+    rewrites the raw value of each key of :data:`BOOLEAN_SETTINGS` it holds (values that are expressions or
+    references, ``$...``/``@...``, are left alone). Outside a bundle run it does nothing.
+
+    Returns:
+        the keys that were rewritten (values that were not already ``bool``).
+
+    Raises:
+        ConfigValueError: a setting is not a boolean spelling (see :func:`as_bool`); the message names the key.
+    """
+    resolver = _running_resolver()
+    if resolver is None:
+        return []
+    changed = []
+    for key in sorted(BOOLEAN_SETTINGS):
+        item = resolver.items.get(key)
+        if item is None or key in resolver.resolved_content:
+            continue
+        value = item.get_config()
+        if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+            continue
+        flag = as_bool(value, key)
+        if flag is not value:
+            item.update_config(flag)
+            changed.append(key)
+    return changed
 
 
 def check_positive_int(value: Any, key: str) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKS", "zoo_inference_config", "run_zoo_checks", "traced_export_matches"]
+__all__ = ["CHECKS", "zoo_inference_config", "inference_parser", "measured_output_channels", "run_zoo_checks", "traced_export_matches"]
 
 #: The checks, in the zoo's order.
 CHECKS = ("directory", "version", "metadata", "properties", "data_shape", "torchscript")
@@ -83,6 +83,48 @@ def _data_shape(bundle: Path, overrides: Mapping[str, Any]) -> None:
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
                       config_file=str(zoo_inference_config(bundle)), bundle_root=str(bundle), device="cpu",
                       **overrides)
+
+
+def inference_parser(bundle: str | os.PathLike) -> Any:
+    """A ``monai.bundle.ConfigParser`` of the bundle's inference config (the zoo's pick) and metadata, ``bundle_root``
+    set to the folder.
+
+    Raises:
+        FileNotFoundError: the folder has no inference config.
+    """
+    from monai.bundle import ConfigParser
+
+    bundle = Path(bundle)
+    config = zoo_inference_config(bundle)
+    if config is None:
+        raise FileNotFoundError(f"'{bundle}' has no configs/inference.json or inference.yaml: not a bundle folder.")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(bundle)})
+    return parser
+
+
+def measured_output_channels(bundle: str | os.PathLike) -> int:
+    """The channels of ``network_def``'s output as the bundle's inference config builds it now.
+
+    The inference configs build their network from ``models/model_card.json`` (the card of the shipped weights),
+    so this is what ``verify_net_in_out`` (the ``data_shape`` check) will find: the network runs on the fake
+    input the metadata's ``network_data_format`` gives (MONAI's own ``_get_fake_input_shape``).
+
+    Args:
+        bundle: the bundle folder.
+
+    Returns:
+        ``output.shape[1]``.
+    """
+    from monai.bundle.scripts import _get_fake_input_shape
+
+    parser = inference_parser(bundle)
+    network = parser.get_parsed_content("network_def")
+    with torch.no_grad():
+        output = network.eval()(torch.rand(_get_fake_input_shape(parser)))
+    return int(output.shape[1])
 
 
 def traced_export_matches(bundle: str | os.PathLike, overrides: Mapping[str, Any] | None = None,

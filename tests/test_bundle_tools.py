@@ -85,6 +85,7 @@ def bundle(tmp_path: Path) -> Path:
     # left out of the zip:
     _write(root / "models" / "checkpoint_epoch=2.pt", b"ckpt")
     _write(root / "models" / "model_key_metric=0.5.pt", b"ckpt")
+    _write(root / "models" / "model.onnx", b"onnx")  # scripts/export_onnx.py's output
     _write(root / "eval" / "events.out.tfevents.1")
     _write(root / "runs" / "run1" / "log.txt")
     _write(root / "logs" / "train.txt")
@@ -372,3 +373,45 @@ def test_zip_with_the_wheel_runs_its_inference_where_the_repository_is_absent(tm
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     with np.load(alone / "features" / "features.npz") as features:
         assert features["cls"].shape == (1, 12 * 8) and np.isfinite(features["cls"]).all()
+
+
+def _pretraining_with_card(tmp_path: Path, network: dict) -> Path:
+    """A copy of the pretraining bundle shipping weights whose card describes ``network``."""
+    root = tmp_path / "dagman_ct_pretraining"
+    shutil.copytree(REPO / "bundles" / "dagman_ct_pretraining", root, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    _write(root / "models" / "model.pt", b"weights")  # only the card builds the network here
+    _write(root / "models" / "model_card.json", json.dumps({"network": network}))
+    return root
+
+
+def test_packaged_metadata_follows_the_card_of_the_shipped_weights(tmp_path, caplog):
+    """The zoo's verify_net_in_out on the zip: a tiny encoder (embed 12: a 96-wide [CLS] token) whose metadata
+    declares the paper-size 384 channels ships with 96; the bundle's own metadata is left as it is."""
+    from monai.bundle import verify_net_in_out
+
+    root = _pretraining_with_card(tmp_path, {"class": "SwinDAGMaN", "embed_dim": 12, "depths": [2, 2, 2, 2],
+                                             "num_heads": [3, 3, 3, 3], "sa_heads": 4})
+    before = (root / "configs" / "metadata.json").read_bytes()
+    assert json.loads(before)["network_data_format"]["outputs"]["pred"]["num_channels"] == 384
+    with caplog.at_level(logging.WARNING):
+        zip_path = package_bundle(root, tmp_path / "dist")
+    assert "declares 384 output channels" in caplog.text and "gives 96" in caplog.text
+    assert (root / "configs" / "metadata.json").read_bytes() == before
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    unpacked = tmp_path / "unpacked" / root.name
+    shipped = json.loads((unpacked / "configs" / "metadata.json").read_text())
+    assert shipped["network_data_format"]["outputs"]["pred"]["num_channels"] == 96
+    assert check_bundle(unpacked) == []  # still valid against the schema
+    verify_net_in_out(net_id="network_def", meta_file=str(unpacked / "configs" / "metadata.json"),
+                      config_file=str(unpacked / "configs" / "inference.json"), bundle_root=str(unpacked), device="cpu")
+
+
+def test_card_that_builds_no_network_is_refused_naming_both(tmp_path):
+    root = _pretraining_with_card(tmp_path, {"class": "NoSuchEncoder"})
+    with pytest.raises(BundleCheckError) as info:
+        package_bundle(root, tmp_path / "dist")
+    (problem,) = info.value.problems
+    assert "declares 384 output channels" in problem and "models/model_card.json" in problem
+    assert "NoSuchEncoder" in problem and "\n" not in problem
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())

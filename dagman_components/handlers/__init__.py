@@ -22,3 +22,4 @@ from dagman_components.handlers.monitoring import (
 from dagman_components.handlers.optimizer_schedule import OptimizerSchedule
 from dagman_components.handlers.teacher_ema import TeacherEMAHandler, ema_update
 from dagman_components.handlers.probe import FrozenFeatureProbe
+from dagman_components.handlers.tracking import configure_tracking, tracked_scalars
