@@ -11,12 +11,14 @@ error and the module runs eagerly from then on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CompiledForward", "compile_network"]
+__all__ = ["CompiledForward", "compile_network", "deterministic_lowering"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,40 @@ logger = logging.getLogger(__name__)
 def _plain(value: Any) -> Any:
     """A MONAI ``MetaTensor`` as a plain tensor (dynamo would trace its metadata); anything else as it is."""
     return value.as_tensor() if isinstance(value, torch.Tensor) and hasattr(value, "as_tensor") else value
+
+
+@contextmanager
+def deterministic_lowering() -> Iterator[None]:
+    """Make inductor generate run-to-run deterministic code for what is compiled inside the block.
+
+    On CPU, inductor accumulates scatters (the backward of an index, e.g. of the relative position
+    bias table) with atomic adds whose order varies between runs, so a resumed run would drift from
+    the uninterrupted one in the last bits. With PyTorch's deterministic algorithms on, inductor
+    uses the deterministic ATen kernel instead; the backward is lowered together with the forward
+    so that it is generated inside the block too. Deterministic mode is only warned about (an
+    operator without a deterministic kernel still runs) and uninitialised memory is not filled.
+    """
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    if not enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    try:
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's type and the first line of its root cause (dynamo wraps a backend's error)."""
+    root = error
+    while root.__cause__ is not None or getattr(root, "inner_exception", None) is not None:
+        root = root.__cause__ or root.inner_exception  # type: ignore[attr-defined]
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    cause = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    return cause if root is error else f"{type(error).__name__}, {cause}"
 
 
 class CompiledForward:
@@ -48,9 +84,10 @@ class CompiledForward:
         if self.failed is None:
             args, kwargs = tuple(_plain(a) for a in args), {k: _plain(v) for k, v in kwargs.items()}
             try:
-                return self.compiled(*args, **kwargs)
+                with deterministic_lowering():
+                    return self.compiled(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
-                self.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                self.failed = _one_line(error)
                 logger.warning("torch.compile of %s failed, running eagerly (%s)", type(self.module).__name__,
                                self.failed[:300])
         return self.eager(*args, **kwargs)
@@ -66,7 +103,9 @@ def compile_network(network: nn.Module, enabled: bool = True, **options: Any) ->
     """Compile ``network``'s forward in place (``torch.compile``) and return the same module.
 
     The state dict, parameters and hooks are unchanged (no ``_orig_mod.`` prefixes), so
-    checkpoints, resumption and exported weights work as without compilation. Compilation happens
+    checkpoints, resumption and exported weights work as without compilation; the generated code is
+    deterministic (:func:`deterministic_lowering`), so a resumed run repeats the uninterrupted one
+    bit for bit on the same machine. Compilation happens
     at the first call (and again for a new input shape or dtype); if it fails, one warning line is
     logged and the network runs eagerly. Failures of the compiled backward, which is compiled at the
     first backward, are not caught.

@@ -86,3 +86,19 @@ def test_fused_encoder_weights_load_into_monai_swin_unetr():
     # an execution setting: a trained model's card leaves it out, like use_checkpoint
     card = trained_model_card({"class": "SwinDAGMaN", **TINY_ENCODER, "use_flash_attention": True}, None)
     assert "use_flash_attention" not in card["network"]
+
+
+def test_pretraining_config_passes_the_speed_options_and_its_card_records_them():
+    from conftest import REPO
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "dagman_ct_pretraining" / "configs" / "train.yaml"))
+    parser.update({"use_flash_attention": True, "compile": True, "embed_dim": 12, "num_heads": [3, 3, 3, 3],
+                   "sa_heads": 4, "head_out_dim": 16, "head_hidden_dim": 16, "head_bottleneck_dim": 8})
+    card = parser.get_parsed_content("model_card")
+    assert card["training"]["use_flash_attention"] is True and card["training"]["compile"] is True
+    assert "use_flash_attention" not in card["network"]  # not a weight setting: downstream bundles choose their own
+    encoder = parser.get_parsed_content("network_def").encoder
+    assert encoder.sa.use_flash_attention and any(type(m) is FusedWindowAttention for m in encoder.modules())
+    assert parser["train"]["trainer"]["compile"] == "@compile"
