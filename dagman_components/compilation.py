@@ -39,7 +39,8 @@ def deterministic_lowering() -> Iterator[None]:
     so that it is generated inside the block too. Deterministic mode is only warned about (an
     operator without a deterministic kernel still runs) and uninitialised memory is not filled.
     """
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     if not enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)

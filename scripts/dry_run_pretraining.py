@@ -174,8 +174,8 @@ def run_variants(variants: list[str], config_file: str, iterations: int, rest: l
             continue
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            rows.append({"variant": name, "error": f"exit {done.returncode}: {last}"})
+            last = [line.strip() for line in done.stderr.splitlines() if line.strip()][-2:] or ["no output"]
+            rows.append({"variant": name, "error": f"exit {done.returncode}: {' | '.join(last)}"})
             continue
         rows.append({"variant": name, **json.loads(lines[-1])})
     for row in rows:

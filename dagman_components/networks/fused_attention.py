@@ -7,9 +7,9 @@ gradients as separate tensors. :class:`FusedWindowAttention` is the same module 
 buffers and state-dict keys) whose forward calls ``torch.nn.functional.scaled_dot_product_attention``
 with the relative position bias (plus the shifted-window mask) as the additive attention mask, also
 when the step trains (gradients reach the bias table through that mask), except on CPU with
-gradients, where PyTorch has no fused kernel for that and MONAI's path is faster. :func:`fuse_window_attention` switches the window
-attentions of a built network in place, so the weights, their initial values and the random stream
-stay what the unfused network would have.
+gradients, where PyTorch has no fused kernel for that and MONAI's path is faster.
+:func:`fuse_window_attention` switches the window attentions of a built network in place, so the
+weights, their initial values and the random stream stay what the unfused network would have.
 
 A fused self-attention block does not return its attention probabilities; :func:`cls_attention`
 computes the one row S_ATT needs ([CLS] to every token, per head) from the block's input.
