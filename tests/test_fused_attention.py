@@ -102,3 +102,23 @@ def test_pretraining_config_passes_the_speed_options_and_its_card_records_them()
     encoder = parser.get_parsed_content("network_def").encoder
     assert encoder.sa.use_flash_attention and any(type(m) is FusedWindowAttention for m in encoder.modules())
     assert parser["train"]["trainer"]["compile"] == "@compile"
+
+
+@pytest.mark.parametrize("bundle, overrides", [
+    ("dagman_lung_tumor_ct_segmentation", {"pretrained_encoder": None}),
+    ("dagman_lung_nodule_ct_classification", {"pretrained_path": None, "sa_heads": 4}),
+])
+def test_fine_tuning_configs_pass_the_speed_options(bundle, overrides):
+    from conftest import REPO
+    from monai.bundle import ConfigParser
+
+    from dagman_components.compilation import CompiledForward
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))
+    parser.update({"model_card": None, "use_flash_attention": True, "compile": True, "device": "cpu", "embed_dim": 12,
+                   "num_heads": [3, 3, 3, 3], **overrides})
+    network = parser.get_parsed_content("network")
+    assert sum(type(m) is FusedWindowAttention for m in network.modules()) == 14  # depths 2-2-8-2, the defaults
+    assert isinstance(network.__dict__["forward"], CompiledForward)
+    assert not any("_orig_mod" in key for key in network.state_dict())
