@@ -35,6 +35,7 @@ BOOLEAN_SETTINGS = frozenset(
         "amp",
         "augment",
         "clean_teacher_attention",
+        "compile",
         "fill_holes",
         "head_batch_norm",
         "keep_largest_component",
@@ -44,6 +45,7 @@ BOOLEAN_SETTINGS = frozenset(
         "save_attention",
         "teacher_amp",
         "use_checkpoint",
+        "use_flash_attention",
     }
 )
 _TRUE = frozenset({"true", "yes", "1", "on"})

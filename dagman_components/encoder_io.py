@@ -218,9 +218,9 @@ def encoder_settings(
     return {"class": name, **base, **explicit, **network}
 
 
-#: Constructor arguments that shape training only; a trained model's card leaves them out, so that
-#: another value at inference is no contradiction.
-TRAINING_ONLY_SETTINGS = ("drop_path_rate", "use_checkpoint")
+#: Constructor arguments that shape training or execution only, not the weights; a trained model's card
+#: leaves them out, so that another value at inference is no contradiction.
+TRAINING_ONLY_SETTINGS = ("drop_path_rate", "use_checkpoint", "use_flash_attention")
 
 
 def trained_model_card(
@@ -276,9 +276,9 @@ def build_encoder(card: str | os.PathLike | Mapping[str, Any] | None = None, **e
     """
     settings = encoder_settings(card, **explicit)
     cls = ENCODER_CLASSES[settings.pop("class")]
-    if cls is ViTDAGMaN:  # the ViT has no stochastic depth or gradient checkpointing switch
-        settings.pop("drop_path_rate", None)
-        settings.pop("use_checkpoint", None)
+    if cls is ViTDAGMaN:  # the ViT has no stochastic depth, gradient checkpointing or fused attention switch
+        for key in TRAINING_ONLY_SETTINGS:
+            settings.pop(key, None)
     return cls(**settings)
 
 

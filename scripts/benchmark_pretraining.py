@@ -8,7 +8,16 @@ Arms, all on the same Swin backbone, input size and batch (two views of ``--batc
 - ``dagman``: one full DAGMaN step (noisy teacher pass, attention-guided masks, student, four
   losses, AdamW, EMA);
 - ``dagman_bf16_teacher`` (fp32 only): the DAGMaN step with only the teacher pass in bf16;
+- ``dagman_fused``: the DAGMaN step with fused attention (``use_flash_attention``: the window and
+  semantic attention through ``scaled_dot_product_attention`` where a fused kernel takes the pass);
+- ``dagman_compiled``: the DAGMaN step with the student and teacher compiled (``compile``: inductor);
+- ``dagman_fused_compiled``: both;
 - ``matmul``: a square matmul of the same dtype, the machine's practical peak.
+
+The fused and compiled arms do the DAGMaN step's work, so their GFLOP/s use its FLOP count (the
+counter cannot see inside compiled code); a compiled arm compiles during its warm-up steps (not
+timed) and has no peak-memory figure (its first step is the compilation). ``--arms`` keeps only the
+named arms (the backbone and matmul arms of each dtype are always kept: every rate is relative to them).
 
 Each arm runs in fp32 and, where the device computes bf16 natively (AMX / AVX512-BF16 CPUs, CUDA),
 in bf16 autocast. After discarded warm-up steps the arms are timed **interleaved**, one step of each
@@ -103,25 +112,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def encoder_kwargs(args) -> dict:
+def encoder_kwargs(args, fused: bool = False) -> dict:
     return {"embed_dim": args.embed_dim, "depths": (2, 2, 8, 2), "num_heads": tuple(args.heads), "window_size": 4,
-            "patch_size": 2, "drop_path_rate": 0.1}
+            "patch_size": 2, "drop_path_rate": 0.1, "use_flash_attention": fused}
 
 
 
 Step = Callable[[dict], None]
+#: The DAGMaN step's speed-up arms: (name, fused attention, compiled).
+VARIANTS = (("fused", True, False), ("compiled", False, True), ("fused_compiled", True, True))
 
 
-def build_dagman(args, device: torch.device, amp: bool, teacher_amp: bool = False) -> Step:
+def build_dagman(args, device: torch.device, amp: bool, teacher_amp: bool = False, fused: bool = False,
+                 compile: bool = False) -> Step:
     """One DAGMaN optimizer step (teacher pass, masks, student, losses, AdamW, EMA)."""
-    student = DAGMaNPretrainNetwork(SwinDAGMaN(**encoder_kwargs(args)), out_dim=args.out_dim).to(device)
+    student = DAGMaNPretrainNetwork(SwinDAGMaN(**encoder_kwargs(args, fused)), out_dim=args.out_dim).to(device)
     teacher = make_teacher(student)
     opt = torch.optim.AdamW(param_groups_weight_decay(student), lr=1e-4, foreach=True)
     trainer = CoDistillationTrainer(
         device=device, max_epochs=1, train_data_loader=[None], network=student, teacher=teacher, optimizer=opt,
         loss_function=DAGMaNLoss(args.out_dim).to(device), masking=AttentionGuidedMasking(),
         patch_dropout=PatchDropout(0.7), freeze_last_layer_iterations=0, amp=amp, amp_dtype="bfloat16"
-        if device.type == "cpu" else "auto", teacher_amp=teacher_amp, diagnostics=False, seed=0,
+        if device.type == "cpu" else "auto", teacher_amp=teacher_amp, diagnostics=False, seed=0, compile=compile,
     )
     trainer.scaler = torch.amp.GradScaler(device.type, enabled=trainer.amp and trainer.amp_dtype == torch.float16)
     trainer.state.epoch, trainer.state.iteration = 1, 1
@@ -219,10 +231,15 @@ def build_arms(args, device: torch.device, dtypes: list[str], only: str | None =
         builders[f"dagman_{d}"] = lambda amp=amp: build_dagman(args, device, amp)
         if d == "fp32" and bf16_available(device):
             builders["dagman_fp32_bf16_teacher"] = lambda: build_dagman(args, device, False, teacher_amp=True)
+        for variant, fused, compile in VARIANTS:
+            builders[f"dagman_{variant}_{d}"] = lambda amp=amp, f=fused, c=compile: build_dagman(
+                args, device, amp, fused=f, compile=c)
         builders[f"matmul_{d}"] = lambda amp=amp: build_matmul(args, device, amp)
     steps, flops = {}, {}
     for name, build in builders.items():
         if only is not None and name != only:
+            continue
+        if only is None and args.arms and name not in args.arms and not name.startswith(("backbone_", "matmul_")):
             continue
         built = build()
         if name.startswith("matmul"):
@@ -265,6 +282,29 @@ def component_shares(step: Step, batch: dict, device: torch.device) -> dict[str,
     return totals
 
 
+def base_arm(name: str) -> str:
+    """The arm whose FLOPs an arm does: ``dagman_<dtype>`` for the speed-up arms, else the arm itself."""
+    for variant, _, _ in VARIANTS:
+        if name.startswith(f"dagman_{variant}_"):
+            return "dagman_" + name.rsplit("_", 1)[1]
+    return name
+
+
+def top_ops(step: Step, batch: dict, device: torch.device, n: int) -> list[list]:
+    """The ``n`` operators with the most self time in one step, as ``[name, share of the summed self time]``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not e.key.startswith(("dagman/", "ProfilerStep"))]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
+    return [[e.key, round(getattr(e, attr) / total, 3)] for e in ranked]
+
+
 def bf16_available(device: torch.device) -> bool:
     return device.type == "cuda" or cpu_has_native_bf16()
 
@@ -283,6 +323,10 @@ def main(argv=None) -> dict:
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="keep only these arms (e.g. dagman_bf16 dagman_fused_bf16); backbone and matmul always run")
+    p.add_argument("--top-ops", type=int, default=8, help="profile every DAGMaN arm once: its N heaviest operators")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-arm peak memory processes")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's peak memory
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
@@ -304,11 +348,19 @@ def main(argv=None) -> dict:
         return {"peak_mb": mem.peak}
     steps, flops = build_arms(args, device, dtypes)
     for name, step in steps.items():
-        if not name.startswith("matmul"):
+        if not name.startswith("matmul") and base_arm(name) == name:
             flops[name] = flops_of(step, batch)
+    for name in steps:  # a speed-up arm does the DAGMaN step's work (FLOPs cannot be counted in compiled code)
+        if base_arm(name) != name:
+            flops[name] = flops[base_arm(name)] if base_arm(name) in flops else flops_of(
+                build_arms(args, device, dtypes, only=base_arm(name))[0][base_arm(name)], batch)
     seconds = interleaved_medians(steps, batch, device, args.warmup, args.rounds)
-    memory = {name: peak_memory_mb(name, argv) for name in steps if not name.startswith("matmul")}
+    memory = {name: peak_memory_mb(name, argv) if args.memory and "compiled" not in name else float("nan")
+              for name in steps if not name.startswith("matmul")}
     shares = component_shares(steps["dagman_fp32"], batch, device) if "dagman_fp32" in steps else {}
+    profiled = [name for name in steps if name.startswith("dagman_") and name.endswith(tuple(dtypes))
+                and name != "dagman_fp32_bf16_teacher"]
+    top = {name: top_ops(steps[name], batch, device, args.top_ops) for name in profiled} if args.top_ops else {}
 
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -326,15 +378,22 @@ def main(argv=None) -> dict:
             result[f"{name}_peak_mb"] = round(memory[name], 1)
             result[f"{name}_of_backbone"] = round(gflops / (flops[f"backbone_{d}"] / 1e9 / seconds[f"backbone_{d}"]), 3)
             result[f"{name}_of_matmul_peak"] = round(gflops / (flops[f"matmul_{d}"] / 1e9 / seconds[f"matmul_{d}"]), 3)
-    for d in dtypes:
+    for d in (d for d in dtypes if f"mim_{d}" in steps and f"dagman_{d}" in steps):
         result[f"time_ratio_dagman_mim_{d}"] = round(seconds[f"dagman_{d}"] / seconds[f"mim_{d}"], 3)
         result[f"flop_ratio_dagman_mim_{d}"] = round(flops[f"dagman_{d}"] / flops[f"mim_{d}"], 3)
-    if "dagman_fp32_bf16_teacher" in steps:
+    if "dagman_fp32_bf16_teacher" in steps and "mim_fp32" in steps:
         result["time_ratio_dagman_bf16_teacher_mim_fp32"] = round(seconds["dagman_fp32_bf16_teacher"] / seconds["mim_fp32"], 3)
-    if "bf16" in dtypes and "fp32" in dtypes:
+    if "dagman_bf16" in steps and "dagman_fp32" in steps:
         result["bf16_speedup_dagman"] = round(seconds["dagman_fp32"] / seconds["dagman_bf16"], 3)
+    for d in dtypes:
+        for variant, _, _ in VARIANTS:
+            if f"dagman_{variant}_{d}" in steps:
+                result[f"speedup_{variant}_{d}"] = round(seconds[f"dagman_{d}"] / seconds[f"dagman_{variant}_{d}"], 3) \
+                    if f"dagman_{d}" in steps else None
     result.update({f"share_{k}": round(shares.get(k, 0.0), 3)
                    for k in ("teacher_pass", "semantic_attention", "projection_heads", "losses")})
+    for name, ops in top.items():
+        result[f"top_ops_{name}"] = ops
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     width = max(len(k) for k in result)
     for k, v in result.items():

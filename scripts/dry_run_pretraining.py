@@ -10,6 +10,17 @@ memory (CUDA max allocated, or the process's peak RSS), and the estimated time o
 epochs on this data (optimizer steps only: caching, checkpoints, plots and probes come on top). Data
 are not cached (``cache_rate`` 0) unless ``--cache_rate`` is given. The last line is one JSON object.
 
+``--variants`` runs the same config once per named variant, each in its own process under a
+``--timeout``, and prints one row per variant (then one JSON list): ``plain``, ``fused``
+(``use_flash_attention``), ``compiled`` (``compile``), ``fused_compiled`` and ``checkpointing``
+(``use_checkpoint``). This is the command that fills the GPU column of the pretraining README's
+throughput table (bf16 AMP is the config's ``amp``, on by default)::
+
+    python scripts/dry_run_pretraining.py --variants plain fused compiled fused_compiled checkpointing --timeout 900 \
+        --iterations 3 --config_file bundles/dagman_ct_pretraining/configs/train.yaml --bundle_root /tmp/dry \
+        --dataset_dir bundles/dagman_ct_pretraining/configs/demo_datalist.json --device cuda --num_workers 0 \
+        --spacing "[1.0,1.0,1.0]" --roi_size "[128,128,128]"
+
 Example::
 
     python scripts/dry_run_pretraining.py --iterations 5 \\
@@ -24,6 +35,7 @@ import ast
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +46,14 @@ from monai.bundle import ConfigParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STEP_HANDLERS = ("TeacherEMAHandler", "OptimizerSchedule")
+#: The speed options a dry run compares (``--variants``), as config overrides.
+VARIANTS = {
+    "plain": {},
+    "fused": {"use_flash_attention": True},
+    "compiled": {"compile": True},
+    "fused_compiled": {"use_flash_attention": True, "compile": True},
+    "checkpointing": {"use_checkpoint": True},
+}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -112,6 +132,9 @@ def dry_run(config_files: list[str], overrides: dict, iterations: int) -> dict:
         "device": str(device), "roi_size": list(parser.get_parsed_content("roi_size")),
         "batch_size": int(parser.get_parsed_content("batch_size")), "amp": bool(trainer.amp),
         "amp_dtype": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp else "float32",
+        "use_flash_attention": bool(parser.get_parsed_content("use_flash_attention", default=False)),
+        "compile": bool(parser.get_parsed_content("compile", default=False)),
+        "use_checkpoint": bool(parser.get_parsed_content("use_checkpoint", default=False)),
         "timed_steps": iterations, "s_per_iteration": round(step_s, 3),
         "samples_per_s": round(samples / step_s, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "iterations_per_epoch": steps_per_epoch, "max_epochs": max_epochs,
@@ -119,11 +142,59 @@ def dry_run(config_files: list[str], overrides: dict, iterations: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_variants(variants: list[str], config_file: str, iterations: int, rest: list[str], timeout: float) -> list[dict]:
+    """Dry-run the config once per variant, each in a fresh process with a time limit.
+
+    Args:
+        variants: names of :data:`VARIANTS`.
+        config_file: as ``--config_file``.
+        iterations: timed steps of each variant.
+        rest: the ``--key value`` overrides shared by all variants.
+        timeout: seconds each variant may take (compilation included); a variant over it is reported as such.
+
+    Returns:
+        One dict per variant: its name and the dry run's result, or ``error`` (the reason it has none).
+
+    Raises:
+        SystemExit: for an unknown variant.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; known: {sorted(VARIANTS)}")
+    rows = []
+    for name in variants:
+        overrides = [item for key, value in VARIANTS[name].items() for item in (f"--{key}", str(value))]
+        command = [sys.executable, __file__, "--config_file", config_file, "--iterations", str(iterations), *rest,
+                   *overrides]
+        print(f"variant {name}: {' '.join(overrides) or 'config as it is'}", flush=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": name, "error": f"over the {timeout:g} s timeout"})
+            continue
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            last = [line.strip() for line in done.stderr.splitlines() if line.strip()][-2:] or ["no output"]
+            rows.append({"variant": name, "error": f"exit {done.returncode}: {' | '.join(last)}"})
+            continue
+        rows.append({"variant": name, **json.loads(lines[-1])})
+    for row in rows:
+        print(f"{row['variant']:<15} " + (row["error"] if "error" in row else
+              f"{row['s_per_iteration']} s/iteration, {row['samples_per_s']} samples/s, "
+              f"peak {row['peak_memory_mb']} MB ({row['device']}, {row['amp_dtype']})"))
+    print(json.dumps(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_file", required=True, help="a config file or a Python-style list of them")
     p.add_argument("--iterations", type=int, default=5, help="timed optimizer steps after one warm-up step")
+    p.add_argument("--variants", nargs="+", default=None, help=f"run once per variant: {', '.join(VARIANTS)}")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds each variant may take (with --variants)")
     args, rest = p.parse_known_args(argv)
+    if args.variants:
+        return run_variants(args.variants, args.config_file, args.iterations, rest, args.timeout)
     files = ast.literal_eval(args.config_file) if args.config_file.startswith("[") else [args.config_file]
     result = dry_run(list(files), parse_overrides(rest), args.iterations)
     print(f"{result['s_per_iteration']} s per iteration, {result['samples_per_s']} samples/s, "

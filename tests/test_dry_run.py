@@ -22,6 +22,16 @@ def test_overrides_parse_like_the_bundle_cli():
         dry_run_pretraining.parse_overrides(["--roi_size"])
 
 
+def test_variants_are_the_speed_options_of_the_config():
+    assert dry_run_pretraining.VARIANTS["fused_compiled"] == {"use_flash_attention": True, "compile": True}
+    train = (REPO / "bundles" / "dagman_ct_pretraining" / "configs" / "train.yaml").read_text()
+    for overrides in dry_run_pretraining.VARIANTS.values():
+        for key in overrides:
+            assert f"\n{key}: false" in train  # every variant switches an option the config has
+    with pytest.raises(SystemExit, match="unknown --variants"):
+        dry_run_pretraining.run_variants(["faster"], "train.yaml", 1, [], 1.0)
+
+
 @pytest.mark.slow
 def test_dry_run_times_steps_estimates_the_run_and_writes_nothing(tmp_path, capsys):
     bundle = make_bundle(tmp_path)

@@ -14,6 +14,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
+from dagman_components.compilation import compile_network
 from dagman_components.data.resumable import derive_seed
 from dagman_components.errors import DagmanError
 from dagman_components.losses import DAGMaNLoss
@@ -205,6 +206,10 @@ class CoDistillationTrainer(Trainer):
             CUDA generators (drop path) from ``(seed, iteration)``, so a run resumed from a
             checkpoint draws what the uninterrupted run drew; the seed is saved with the trainer's
             state and a resume with another seed is refused. ``None``: leave the generators as they are.
+        compile: compile the student's and the teacher's forward with ``torch.compile``
+            (:func:`~dagman_components.compilation.compile_network`: state-dict keys unchanged, one
+            warning line and eager execution where compilation fails). The first step of each pass
+            pays the compilation.
 
     Raises:
         ValueError: when ``view_keys`` does not name two keys, or for a bad ``accumulate_steps``.
@@ -236,6 +241,7 @@ class CoDistillationTrainer(Trainer):
         teacher_amp: bool = False,
         diagnostics: bool = True,
         seed: int | None = None,
+        compile: bool = False,
     ) -> None:
         if len(view_keys) != 2:
             raise ValueError(f"view_keys must name the two views, got {view_keys}.")
@@ -260,8 +266,8 @@ class CoDistillationTrainer(Trainer):
         )
         self.data_loader = grouped
         self.accumulate_steps = int(accumulate_steps)
-        self.network = network
-        self.teacher = teacher
+        self.network = compile_network(network, compile)
+        self.teacher = compile_network(teacher, compile)
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.masking = masking

@@ -10,6 +10,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.utils import ensure_tuple_rep
 
+from dagman_components.networks.fused_attention import cls_attention, fuse_window_attention
 from dagman_components.networks.outputs import EncoderOutput
 
 __all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS"]
@@ -41,12 +42,16 @@ class SemanticAttention(nn.Module):
         num_heads: attention heads per block; ``dim`` must be divisible by it.
         mlp_ratio: width of each block's MLP relative to ``dim``.
         drop_rate: dropout inside the blocks.
+        use_flash_attention: fused attention (``scaled_dot_product_attention``) in every block, in
+            training too; the [CLS] row of the last block's attention, which S_ATT needs and a fused
+            block does not return, is then computed on its own (:func:`cls_attention`).
 
     Raises:
         ValueError: when ``dim`` is not divisible by ``num_heads`` or ``depth < 1``.
     """
 
-    def __init__(self, dim: int, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0, drop_rate: float = 0.0):
+    def __init__(self, dim: int, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 use_flash_attention: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"sa_depth must be at least 1, got {depth}.")
@@ -61,13 +66,15 @@ class SemanticAttention(nn.Module):
                 num_heads=num_heads,
                 dropout_rate=drop_rate,
                 qkv_bias=True,
-                save_attn=i == depth - 1,
+                save_attn=i == depth - 1 and not use_flash_attention,
+                use_flash_attention=use_flash_attention,
             )
             for i in range(depth)
         )
         for block in self.blocks:  # MONAI builds this norm even without cross-attention; it never
             block.norm_cross_attn.requires_grad_(False)  # gets a gradient, which DDP would reject
         self.norm = nn.LayerNorm(dim)
+        self.use_flash_attention = use_flash_attention
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attend globally.
@@ -82,10 +89,14 @@ class SemanticAttention(nn.Module):
             with the [CLS] column dropped and renormalised, shape (B, N), summing to 1.
         """
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        att = self.blocks[-1].attn.att_mat  # (B, heads, 1 + N, 1 + N), post-softmax, detached
-        cls_to_patch = att[:, :, 0, 1:].float().mean(dim=1)  # float32 even under autocast: sums to 1
+        if self.use_flash_attention:  # a fused block keeps no probabilities: the [CLS] row on its own
+            cls_row = cls_attention(self.blocks[-1], x)  # (B, heads, 1 + N)
+        x = self.blocks[-1](x)
+        if not self.use_flash_attention:
+            cls_row = self.blocks[-1].attn.att_mat[:, :, 0]  # (B, heads, 1 + N, 1 + N): post-softmax, detached
+        cls_to_patch = cls_row[:, :, 1:].float().mean(dim=1)  # float32 even under autocast: sums to 1
         s_att = cls_to_patch / cls_to_patch.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return x[:, 1:], self.norm(x), s_att
 
@@ -115,6 +126,11 @@ class SwinDAGMaN(SwinTransformer):
         mlp_ratio: MLP width ratio of every block.
         drop_path_rate: stochastic depth of the Swin blocks (0.1 for the student, 0 for inference).
         use_checkpoint: MONAI's gradient-checkpointing switch (saves memory at 128^3 on small GPUs).
+        use_flash_attention: fused attention (``scaled_dot_product_attention``) in the window attentions
+            (:class:`~dagman_components.networks.fused_attention.FusedWindowAttention`: with gradients
+            too, except on CPU where no fused kernel trains the position bias) and in the
+            semantic-attention block. Same weights and state-dict keys; the outputs equal the unfused
+            ones within float rounding. An execution setting, like ``use_checkpoint``.
 
     Raises:
         ValueError: for an ``sa_stage`` outside 1..len(depths) or an SA width not divisible by
@@ -141,6 +157,7 @@ class SwinDAGMaN(SwinTransformer):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
+        use_flash_attention: bool = False,
     ) -> None:
         if sa_stage is not None and not 1 <= sa_stage <= len(depths):
             raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
@@ -156,7 +173,10 @@ class SwinDAGMaN(SwinTransformer):
             drop_path_rate=drop_path_rate,
             use_checkpoint=use_checkpoint,
             spatial_dims=3,
+            use_flash_attention=use_flash_attention,
         )
+        if use_flash_attention:
+            fuse_window_attention(self)
         self.in_channels = in_channels
         self.sa_stage = sa_stage
         self.mask_grid_stage = sa_stage or 3  # masks live on the SA grid, on the stage-3 grid without SA
@@ -164,7 +184,8 @@ class SwinDAGMaN(SwinTransformer):
         self.out_dim = embed_dim * 2 ** len(depths)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
         self.sa = (
-            SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio)
+            SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio,
+                              use_flash_attention=use_flash_attention)
             if sa_stage is not None
             else None
         )
