@@ -101,3 +101,18 @@ def test_script_writes_the_table_and_a_rerun_skips_finished_cells(tmp_path, tiny
 def test_script_names_a_missing_card_or_weights(tmp_path):
     missing = _script(tmp_path, tmp_path / "none.pt")
     assert missing.returncode == 2 and "none.pt" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_script_fine_tunes_each_encoder_through_the_bundle(tmp_path, tiny_weights):
+    """--protocols finetune: one bundle run per (encoder, seed, fold), random init included, scored on its test fold."""
+    run = _script(tmp_path, tiny_weights, "--protocols", "finetune", "--finetune_set", "max_epochs=1", "batch_size=4",
+                  "num_workers=0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    cells = json.loads((tmp_path / "eval" / "cells.json").read_text())["cells"]
+    assert sorted(cells) == ["random|finetune|1|0|0", "random|finetune|1|0|1", "tiny|finetune|1|0|0", "tiny|finetune|1|0|1"]
+    assert len({**cells["tiny|finetune|1|0|0"], **cells["tiny|finetune|1|0|1"]}) == 24
+    card = json.loads((tmp_path / "eval" / "finetune" / "random_seed0_fold0" / "models" / "model_card.json").read_text())
+    assert card["encoder_weights"] == "random"
+    card = json.loads((tmp_path / "eval" / "finetune" / "tiny_seed0_fold0" / "models" / "model_card.json").read_text())
+    assert card["encoder_weights"]["sha256"]

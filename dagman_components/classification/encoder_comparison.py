@@ -402,7 +402,8 @@ class BundleFinetune:
 
         root = self.work_dir / f"{spec.name}_seed{seed}_fold{fold}"
         (root / "models").mkdir(parents=True, exist_ok=True)
-        weights = {"pretrained_path": spec.weights, "model_card": str(card_path(spec.weights or spec.like))}
+        weights = {"pretrained_path": spec.weights or "null",  # monai.bundle.run drops None overrides
+                   "model_card": str(card_path(spec.weights or spec.like))}
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "n_folds": self.n_folds, "fold": fold,
                   "seed": seed, "mode": "finetune", **self.overrides}
         configs = [str(self.bundle / "configs" / c) for c in ("train.yaml", "evaluate.yaml")]
