@@ -301,15 +301,27 @@ def evaluate_attention_overlay(variant: str, run_dir: Path, args: argparse.Names
 
 
 def evaluate_attention_in_mask(variant: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Share of the [CLS] attention inside each labelled nodule's mask, against the mask's share."""
+    """Where S_ATT looks on the labelled nodules with masks: the share inside each centred nodule's mask
+    against the mask's share, and, on crops whose nodule is shifted by up to 8 voxels per axis (so that a
+    centre prior cannot pass), the cell AUROC and mass ratio of S_ATT (head mean and each head, clean and
+    noisy teacher pass) next to a tissue prior and a centre prior."""
     import dagman_components.classification as nc
-    from dagman_components.metrics.attention_in_mask import attention_in_mask_report
+    from dagman_components.metrics.attention_in_mask import attention_in_mask_report, nodule_and_mask_transforms
+    from dagman_components.metrics.attention_localisation import attention_localisation
 
     nodules = Path(args.nodules)
     items = nc.read_nodule_table(nodules / "nodules.csv", image_dir=nodules / "image")
     items = [{**it, "mask": str(nodules / "mask" / Path(it["image"]).name)} for it in items
              if (nodules / "mask" / Path(it["image"]).name).is_file()]
-    rep = attention_in_mask_report(_encoder(run_dir, args), items, device=args.device)
+    encoder = _encoder(run_dir, args)
+    rep = attention_in_mask_report(encoder, items, device=args.device)
+    transform = nodule_and_mask_transforms()
+    pairs = [transform(dict(it)) for it in items]
+    images, masks = torch.stack([p["image"] for p in pairs]), torch.stack([p["mask"] for p in pairs])
+    shifted = {f"shifted_{name}": attention_localisation(encoder, images, masks, max_shift=8, seed=args.split_seed,
+                                                         patch_drop=drop, device=args.device)
+               for name, drop in (("clean", 0.0), ("noisy", 0.7))}
+    rep.update(shifted)
     atomic_write_text(json.dumps(rep), run_dir / "attention_in_mask.json")
     return {k: v for k, v in rep.items() if k not in ("ids", "mass_inside", "mask_share")}
 
