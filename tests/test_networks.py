@@ -128,3 +128,28 @@ def test_plain_swin_baseline_without_sa():
     assert net(torch.rand(2, 1, 32, 32, 32), mask=torch.ones(2, 16, 16, 16)).shape == (2, 1, 32, 32, 32)
     with pytest.raises(ValueError, match="sa_stage=None"):
         MaskedReconstructionNetwork(SwinDAGMaN(**TINY_ENCODER))
+
+
+def test_empty_fill_makes_a_dropped_token_equal_an_empty_patch():
+    """token_drop_fill="empty": a dropped token becomes the embedding of an all-zero patch (empty tissue), so dropping
+    carries no more signal than an empty region does; "zero" (the paper's reading) leaves it at 0."""
+    torch.manual_seed(0)
+    empty = SwinDAGMaN(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_heads=4, token_drop_fill="empty")
+    zero = SwinDAGMaN(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_heads=4)
+    zero.load_state_dict(empty.state_dict())
+    x = torch.rand(1, 1, 32, 32, 32)
+    x[..., :2, :2, :2] = 0.0  # patch (0, 0, 0) is empty tissue
+    drop = torch.zeros(1, 16, 16, 16)
+    drop[0, 5, 5, 5] = 1.0
+    captured = {}
+    for name, net in (("empty", empty), ("zero", zero)):
+        handle = net.pos_drop.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach()))
+        net.eval()(x, token_drop=drop)
+        handle.remove()
+    tokens = captured["empty"][0]
+    assert torch.allclose(tokens[:, 5, 5, 5], tokens[:, 0, 0, 0], atol=1e-6)  # dropped == empty patch
+    assert torch.allclose(tokens[:, 5, 5, 5], empty.patch_embed.proj.bias, atol=1e-6)  # the conv's bias
+    assert torch.count_nonzero(captured["zero"][0][:, 5, 5, 5]) == 0
+    assert torch.equal(captured["zero"][0][:, 4, 4, 4], tokens[:, 4, 4, 4])  # tokens kept are the same
+    with pytest.raises(ValueError, match="token_drop_fill"):
+        SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3), token_drop_fill="noise")

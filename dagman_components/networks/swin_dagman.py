@@ -13,7 +13,11 @@ from monai.utils import ensure_tuple_rep
 from dagman_components.networks.fused_attention import cls_attention, fuse_window_attention
 from dagman_components.networks.outputs import EncoderOutput
 
-__all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS"]
+__all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS", "TOKEN_DROP_FILLS"]
+
+#: What a dropped token of the noisy teacher becomes: ``zero`` (the paper's reading) or ``empty``, the embedding of
+#: an all-zero patch, so that a dropped token looks like empty tissue instead of a feature of its own.
+TOKEN_DROP_FILLS: tuple[str, ...] = ("zero", "empty")
 
 #: The Swin settings of METHOD.md (SMIT production setting); every bundle starts from these.
 ENCODER_DEFAULTS: dict = {
@@ -131,6 +135,8 @@ class SwinDAGMaN(SwinTransformer):
             too, except on CPU where no fused kernel trains the position bias) and in the
             semantic-attention block. Same weights and state-dict keys; the outputs equal the unfused
             ones within float rounding. An execution setting, like ``use_checkpoint``.
+        token_drop_fill: what a dropped token becomes (:data:`TOKEN_DROP_FILLS`): ``zero`` or ``empty``
+            (the embedding of an all-zero patch, so dropping carries no more signal than empty tissue).
 
     Raises:
         ValueError: for an ``sa_stage`` outside 1..len(depths) or an SA width not divisible by
@@ -158,9 +164,12 @@ class SwinDAGMaN(SwinTransformer):
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
         use_flash_attention: bool = False,
+        token_drop_fill: str = "zero",
     ) -> None:
         if sa_stage is not None and not 1 <= sa_stage <= len(depths):
             raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
+        if token_drop_fill not in TOKEN_DROP_FILLS:
+            raise ValueError(f"token_drop_fill must be one of {list(TOKEN_DROP_FILLS)}, got {token_drop_fill!r}.")
         super().__init__(
             in_chans=in_channels,
             embed_dim=embed_dim,
@@ -178,6 +187,7 @@ class SwinDAGMaN(SwinTransformer):
         if use_flash_attention:
             fuse_window_attention(self)
         self.in_channels = in_channels
+        self.token_drop_fill = token_drop_fill
         self.sa_stage = sa_stage
         self.mask_grid_stage = sa_stage or 3  # masks live on the SA grid, on the stage-3 grid without SA
         self.sa_dim = embed_dim * 2**self.mask_grid_stage
@@ -189,6 +199,11 @@ class SwinDAGMaN(SwinTransformer):
             if sa_stage is not None
             else None
         )
+
+    def empty_patch_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, embed_dim, 1, 1, 1): the patch embedding of an all-zero patch (empty tissue after the HU
+        window), in ``x``'s dtype and device."""
+        return self.patch_embed(x.new_zeros(1, x.shape[1], *(int(p) for p in self.patch_size))).to(x.dtype)
 
     @property
     def sa_stride(self) -> int:
@@ -230,7 +245,8 @@ class SwinDAGMaN(SwinTransformer):
             x: images, (B, C, D, H, W), sides divisible by :attr:`input_divisor`.
             mask: optional boolean or {0, 1} mask on the patch-embedding grid, (B, D/p, H/p, W/p);
                 ones are replaced by the mask token.
-            token_drop: optional {0, 1} drop map on the patch-embedding grid; ones are set to zero.
+            token_drop: optional {0, 1} drop map on the patch-embedding grid; ones are set to zero, or
+                with ``token_drop_fill="empty"`` to the embedding of an empty (all-zero) patch.
 
         Returns:
             A dict with ``cls`` (B, C_sa), ``patch_tokens`` (B, N, C_sa) on the SA grid (normed),
@@ -245,7 +261,9 @@ class SwinDAGMaN(SwinTransformer):
             m = mask.to(x0.dtype).unsqueeze(1)
             x0 = x0 * (1.0 - m) + self.mask_token.to(x0.dtype) * m
         if token_drop is not None:
-            x0 = x0 * (1.0 - token_drop.to(x0.dtype).unsqueeze(1))
+            d = token_drop.to(x0.dtype).unsqueeze(1)
+            fill = self.empty_patch_embedding(x) if self.token_drop_fill == "empty" else 0.0
+            x0 = x0 * (1.0 - d) + fill * d
         h = self.pos_drop(x0)
         features = [self.proj_out(h, True)]
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
