@@ -153,3 +153,16 @@ def test_empty_fill_makes_a_dropped_token_equal_an_empty_patch():
     assert torch.equal(captured["zero"][0][:, 4, 4, 4], tokens[:, 4, 4, 4])  # tokens kept are the same
     with pytest.raises(ValueError, match="token_drop_fill"):
         SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3), token_drop_fill="noise")
+
+
+def test_dino_init_of_the_semantic_attention_blocks():
+    torch.manual_seed(0)
+    net = SwinDAGMaN(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_heads=4, sa_init="dino")
+    qkv = net.sa.blocks[0].attn.qkv
+    assert 0.018 < float(qkv.weight.std()) < 0.022  # normal 0.02 (truncated at +/-2, as DINO and timm do)
+    assert torch.count_nonzero(qkv.bias) == 0 and torch.all(net.sa.blocks[1].norm1.weight == 1)
+    default = SwinDAGMaN(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_heads=4)
+    assert float(default.sa.blocks[0].attn.qkv.weight.std()) > 0.04  # PyTorch's default is wider at width 96
+    assert set(net.state_dict()) == set(default.state_dict())
+    with pytest.raises(ValueError, match="sa_init"):
+        SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3), sa_init="xavier")

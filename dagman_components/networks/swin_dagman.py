@@ -13,7 +13,22 @@ from monai.utils import ensure_tuple_rep
 from dagman_components.networks.fused_attention import cls_attention, fuse_window_attention
 from dagman_components.networks.outputs import EncoderOutput
 
-__all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS", "TOKEN_DROP_FILLS"]
+__all__ = ["SemanticAttention", "SwinDAGMaN", "ENCODER_DEFAULTS", "TOKEN_DROP_FILLS", "SA_INITS"]
+
+#: How the semantic-attention blocks are initialised (see :class:`SemanticAttention`).
+SA_INITS: tuple[str, ...] = ("default", "dino")
+
+
+def _dino_init(module: nn.Module) -> None:
+    """DINO's initialisation of a ViT block's layers (truncated normal 0.02, zero bias, unit norm)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
 
 #: What a dropped token of the noisy teacher becomes: ``zero`` (the paper's reading) or ``empty``, the embedding of
 #: an all-zero patch, so that a dropped token looks like empty tissue instead of a feature of its own.
@@ -49,14 +64,18 @@ class SemanticAttention(nn.Module):
         use_flash_attention: fused attention (``scaled_dot_product_attention``) in every block, in
             training too; the [CLS] row of the last block's attention, which S_ATT needs and a fused
             block does not return, is then computed on its own (:func:`cls_attention`).
+        init: ``default`` (PyTorch's initialisation of MONAI's blocks) or ``dino`` (DINO / timm: linear
+            weights truncated normal with std 0.02, biases 0, layer norms 1 and 0).
 
     Raises:
         ValueError: when ``dim`` is not divisible by ``num_heads`` or ``depth < 1``.
     """
 
     def __init__(self, dim: int, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
-                 use_flash_attention: bool = False):
+                 use_flash_attention: bool = False, init: str = "default"):
         super().__init__()
+        if init not in SA_INITS:
+            raise ValueError(f"sa_init must be one of {list(SA_INITS)}, got {init!r}.")
         if depth < 1:
             raise ValueError(f"sa_depth must be at least 1, got {depth}.")
         if dim % num_heads != 0:
@@ -77,6 +96,8 @@ class SemanticAttention(nn.Module):
         )
         for block in self.blocks:  # MONAI builds this norm even without cross-attention; it never
             block.norm_cross_attn.requires_grad_(False)  # gets a gradient, which DDP would reject
+        if init == "dino":
+            self.blocks.apply(_dino_init)
         self.norm = nn.LayerNorm(dim)
         self.use_flash_attention = use_flash_attention
 
@@ -135,6 +156,8 @@ class SwinDAGMaN(SwinTransformer):
             too, except on CPU where no fused kernel trains the position bias) and in the
             semantic-attention block. Same weights and state-dict keys; the outputs equal the unfused
             ones within float rounding. An execution setting, like ``use_checkpoint``.
+        sa_init: initialisation of the semantic-attention blocks (``default`` or ``dino``, see
+            :class:`SemanticAttention`); a training choice, not recorded as an architecture setting.
         token_drop_fill: what a dropped token becomes (:data:`TOKEN_DROP_FILLS`): ``zero`` or ``empty``
             (the embedding of an all-zero patch, so dropping carries no more signal than empty tissue).
 
@@ -165,6 +188,7 @@ class SwinDAGMaN(SwinTransformer):
         use_checkpoint: bool = False,
         use_flash_attention: bool = False,
         token_drop_fill: str = "zero",
+        sa_init: str = "default",
     ) -> None:
         if sa_stage is not None and not 1 <= sa_stage <= len(depths):
             raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
@@ -195,7 +219,7 @@ class SwinDAGMaN(SwinTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
         self.sa = (
             SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio,
-                              use_flash_attention=use_flash_attention)
+                              use_flash_attention=use_flash_attention, init=sa_init)
             if sa_stage is not None
             else None
         )
