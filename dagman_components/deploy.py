@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dagman_components.atomic import replace_atomically
-from dagman_components.errors import ConfigValueError
+from dagman_components.errors import ConfigValueError, DagmanError
 
 __all__ = [
     "DEPLOY_EXTRA",
@@ -41,7 +41,7 @@ __all__ = [
 DEPLOY_EXTRA = ("onnx", "onnxruntime", "onnxscript")
 
 
-class DeployExtraMissingError(ImportError):
+class DeployExtraMissingError(DagmanError, ImportError):
     """A package of the ``deploy`` extra is not installed."""
 
 
