@@ -181,8 +181,8 @@ def test_vit_variant_takes_a_trainer_step(masking, tmp_path, monkeypatch):
     seen = []
     orig = type(trainer.masking).__call__
 
-    def spy(self, att, grid, b):
-        m = orig(self, att, grid, b)
+    def spy(self, att, grid, b, step=None):
+        m = orig(self, att, grid, b, step=step)
         seen.append((att.clone(), m.clone()))
         return m
 
