@@ -19,7 +19,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# DAGMaN pretraining demo on the real CT shipped in data/ (2 CPU cores: 1 min 31 s of training measured, 3 min 8 s with the install).
+# DAGMaN pretraining demo on the real CT shipped in data/ (2 CPU cores: 1 min 31 s of training and 3 min 8 s with the install
+# on the quiet machine; 4 min 35 s and 8 min 7 s with another job running).
 # Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json}, $(BUNDLE)/runs/loss_curves.png (losses and
 # collapse diagnostics) and $(BUNDLE)/runs/probe_auc.png (frozen-teacher probe on the 24 shipped nodule crops);
 # a second run resumes from the checkpoint (make clean-demo starts over).
