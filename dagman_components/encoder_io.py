@@ -13,6 +13,8 @@ bundles, the comparison scripts and the diversity report go through this module:
 - :func:`encoder_settings`: the encoder settings of the card; explicit config values that are not
   ``None`` must agree with it (else one line naming both values and the card); without a card, the
   config values over :data:`~dagman_components.networks.ENCODER_DEFAULTS`;
+- :func:`card_preprocessing`: the one preprocessing factory: the spacing and HU window the weights were
+  pretrained with, from the card's ``preprocessing`` (a config window that contradicts it is refused);
 - :func:`build_encoder`: builds the card's ``class`` (:class:`SwinDAGMaN` or :class:`ViTDAGMaN`);
 - :func:`load_encoder_weights`: the one loading policy: every encoder tensor of the target must be
   found with its shape, and the file may hold nothing else than the parts the target leaves out by
@@ -39,6 +41,7 @@ import monai
 import torch
 import torch.nn as nn
 
+from dagman_components.data.transforms import DEFAULT_SPACING, HU_WINDOW, resolve_hu_window
 from dagman_components.errors import DagmanError
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SwinDAGMaN
@@ -56,6 +59,7 @@ __all__ = [
     "read_model_card",
     "trained_model_card",
     "encoder_settings",
+    "card_preprocessing",
     "build_encoder",
     "weights_or_random",
     "require_weights",
@@ -216,6 +220,67 @@ def encoder_settings(
             )
     base = {**ENCODER_DEFAULTS} if name == "SwinDAGMaN" else {}
     return {"class": name, **base, **explicit, **network}
+
+
+def _card_content(card: str | os.PathLike | Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, str]:
+    """The card's content (``None`` when there is none) and where it is, for messages."""
+    if card is None or isinstance(card, Mapping):
+        return card, "the given card"
+    path = Path(os.path.abspath(os.fspath(card)))
+    path = path if path.suffix == ".json" else card_path(path)
+    return (read_model_card(path) if path.is_file() else None), f"'{path}'"
+
+
+def card_preprocessing(
+    card: str | os.PathLike | Mapping[str, Any] | None,
+    spacing: Sequence[float] | None = None,
+    hu_window: str | Sequence[float] | None = None,
+    key: str = "hu_window",
+) -> dict[str, list[float]]:
+    """The CT preprocessing to use with an encoder: the one factory for every bundle, probe and metric.
+
+    The HU window is a property of the weights: features of a lung-window encoder mean nothing on
+    soft-tissue-windowed input. So the card's ``preprocessing.hu_window`` is used; a config window that
+    differs from it is an error. The spacing is a task choice (a segmentation bundle may work at a finer
+    grid than pretraining did): an explicit one is kept, and a difference from the card is logged.
+
+    Args:
+        card: a ``model_card.json`` or ``model.pt`` path (a missing card means "no card"), the card's dict,
+            or ``None``.
+        spacing: the task's voxel spacing in mm; ``None``: the card's (:data:`DEFAULT_SPACING` without one).
+        hu_window: ``None``: the card's (the soft-tissue window without one); else a name of
+            :data:`~dagman_components.data.HU_WINDOWS` or ``[low, high]``, which must match the card's.
+        key: the config key of the window, named in the messages.
+
+    Returns:
+        ``{"spacing": [x, y, z], "hu_window": [low, high]}``.
+
+    Raises:
+        EncoderSettingError: the window contradicts the card's (one line: both windows and the card).
+        ConfigValueError: the window is not a known name or a valid pair.
+
+    Example:
+        >>> card_preprocessing({"preprocessing": {"spacing_mm": [1.0, 1.0, 1.0], "hu_window": [-1024.0, 300.0]}})
+        {'spacing': [1.0, 1.0, 1.0], 'hu_window': [-1024.0, 300.0]}
+        >>> card_preprocessing(None, hu_window="lung")["hu_window"]
+        [-1024.0, 300.0]
+    """
+    content, where = _card_content(card)
+    recorded = dict((content or {}).get("preprocessing", {}))
+    card_window = resolve_hu_window(recorded["hu_window"], key=f"preprocessing.hu_window of the card {where}") \
+        if recorded.get("hu_window") is not None else None
+    window = resolve_hu_window(hu_window, key=key) if hu_window is not None else None
+    if window is not None and card_window is not None and window != card_window:
+        raise EncoderSettingError(
+            f"{key}={list(window)} contradicts the window the encoder was pretrained with, {list(card_window)} in the "
+            f"model card {where}: remove {key} (or set it to null) to use the card's window."
+        )
+    card_spacing = [float(s) for s in recorded["spacing_mm"]] if recorded.get("spacing_mm") else None
+    chosen = [float(s) for s in spacing] if spacing is not None else card_spacing or [float(s) for s in DEFAULT_SPACING]
+    if card_spacing is not None and chosen != card_spacing:
+        logger.info("spacing %s mm (the task's), the encoder was pretrained at %s mm (card %s).", chosen, card_spacing,
+                    where)
+    return {"spacing": chosen, "hu_window": list(window or card_window or HU_WINDOW)}
 
 
 #: Constructor arguments that shape training or execution only, not the weights; a trained model's card

@@ -25,7 +25,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, check_roi_size, c
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.progress import progress
 
-__all__ = ["FEATURES_FILE", "CASES_FILE", "case_names", "card_preprocessing", "extraction_preprocessing",
+__all__ = ["FEATURES_FILE", "CASES_FILE", "case_names", "extraction_preprocessing",
            "CTFeatureExtractor"]
 
 logger = logging.getLogger(__name__)
@@ -79,18 +79,6 @@ def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
     return names
-
-
-def card_preprocessing(card: Mapping[str, Any] | None) -> dict[str, list[float]]:
-    """Spacing and HU window of a model card's ``preprocessing`` (the defaults where it has none).
-
-    Example:
-        >>> card_preprocessing({"preprocessing": {"spacing_mm": [1.0, 1.0, 1.0]}})
-        {'spacing': [1.0, 1.0, 1.0], 'hu_window': [-175.0, 250.0]}
-    """
-    recorded = dict((card or {}).get("preprocessing", {}))
-    return {"spacing": [float(s) for s in recorded.get("spacing_mm") or DEFAULT_SPACING],
-            "hu_window": [float(h) for h in recorded.get("hu_window") or HU_WINDOW]}
 
 
 def extraction_preprocessing(

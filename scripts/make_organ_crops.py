@@ -1,18 +1,19 @@
 """Cut fixed-size labelled organ crops, OrganMNIST3D style, from CT volumes and their label maps.
 
-Each CT and its label map go through the project's one CT preprocessing (RAS, 2 mm, HU window
-[-175, 250] scaled to [0, 1]); around each named structure (label ids with the same name in the
+Each CT and its label map go through the project's one CT preprocessing (RAS, 2 mm), with the
+intensities kept in Hounsfield units; around each named structure (label ids with the same name in the
 id -> name table are merged) the script cuts cubes of the given sides in voxels, centred on the
 structure's bounding-box centre, plus jittered copies, and resizes each to ``--output-size``.
 See ``dagman_components/clustering/crops.py`` for the exact geometry.
 
 Outputs (each written atomically):
 
-* ``--out-npz``: MedMNIST's organmnist3d layout (``train/val/test _images`` uint8 0..255,
+* ``--out-npz``: MedMNIST's organmnist3d layout (``train/val/test _images``, here int16 Hounsfield
+  units so that the clustering bundle applies each encoder's own window from its model card;
   ``_labels`` (N, 1)), plus ``label_names`` and ``<split>_case_ids`` arrays. When every name is
   an OrganMNIST3D organ name (``liver``, ``kidney-right``, ...) the labels are OrganMNIST3D's ids
   0..10; otherwise they are 0..K-1 in table order.
-* ``--out-nifti``: one ``.nii.gz`` per crop (float32 in [0, 1], with its world affine) and
+* ``--out-nifti``: one ``.nii.gz`` per crop (float32 HU, with its world affine) and
   ``crops.csv`` (file, case_id, split, label, organ, size, jitter offset, centre, voxels).
 
 Usage (from the repository root)::
@@ -50,6 +51,9 @@ from dagman_components.clustering import (  # noqa: E402
     save_organ_npz,
     write_csv,
 )
+
+#: Outside the CT (air), and the highest value kept (int16 storage; dense bone and metal are clipped).
+AIR_HU, HU_MAX = -1024.0, 3071.0
 
 logger = logging.getLogger("make_organ_crops")
 
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list] = {}
         for k, (img_path, lab_path, split) in enumerate(zip(args.image, args.label, splits)):
             case = img_path.name.split(".")[0]
-            image, label, affine = load_ct_and_labels(img_path, lab_path, spacing=args.spacing)
+            image, label, affine = load_ct_and_labels(img_path, lab_path, spacing=args.spacing, hu_window=None)
             crops = cut_organ_crops(
                 image,
                 label,
@@ -138,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed + k,
                 ignore_unnamed=args.ignore_unnamed,
                 min_voxels=args.min_voxels,
+                pad_value=AIR_HU,
                 where=f"label map '{lab_path}'",
             )
             for c in crops:
                 cid = f"{case}/{c.name}/s{c.size}/j{c.jitter_index}"
-                images.setdefault(split, []).append(np.rint(np.clip(c.image, 0.0, 1.0) * 255).astype(np.uint8))
+                images.setdefault(split, []).append(np.rint(np.clip(c.image, AIR_HU, HU_MAX)).astype(np.int16))
                 labels.setdefault(split, []).append(class_ids[c.name])
                 case_ids.setdefault(split, []).append(cid)
                 if args.out_nifti is not None:

@@ -297,9 +297,24 @@ def test_missing_or_non_npz_file(tmp_path):
         load_organ_npz(_medmnist_like(tmp_path / "ok.npz", {"test": [0, 1]}), label_names={"liver": 0})
 
 
+def test_hounsfield_crops_take_the_encoders_window(tmp_path):
+    hu = np.array([-1100, -1024, -600, -175, 0, 250, 300, 1000], np.int16).reshape(1, 2, 2, 2)
+    path = tmp_path / "hu.npz"
+    save_organ_npz(path, {"test": np.concatenate([hu, hu])}, {"test": np.array([0, 1])})
+    ds = load_organ_npz(path)
+    assert ds.in_hounsfield
+    soft = ds.float_images("soft_tissue")[0].ravel()
+    lung = ds.float_images("lung")[0].ravel()
+    np.testing.assert_allclose(soft, [0, 0, 0, 0, 175 / 425, 1, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(lung, [0, 0, 424 / 1324, 849 / 1324, 1024 / 1324, 1274 / 1324, 1, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="int16.*or uint8"):
+        save_organ_npz(tmp_path / "f.npz", {"test": hu.astype(np.float32)}, {"test": np.array([0])})
+
+
 def test_shipped_sample_is_organmnist3d_layout():
     ds = load_organ_npz(SAMPLE)
-    assert ds.images.shape == (42, 28, 28, 28) and ds.images.dtype == np.uint8
+    assert ds.images.shape == (42, 28, 28, 28) and ds.images.dtype == np.int16 and ds.in_hounsfield
+    assert ds.images.min() >= -1024 and ds.images.max() > 100  # HU: air to enhanced organs
     organs = ("liver", "kidney-right", "kidney-left", "lung-right", "lung-left", "spleen", "pancreas")
     assert ds.class_counts() == {n: 6 for n in organs}
     assert all(ORGANMNIST3D_LABELS[i] == n for i, n in ds.names.items())
@@ -385,7 +400,7 @@ def test_script_reproduces_the_shipped_sample_and_writes_nifti(tmp_path):
     assert set(table.loc[table["organ"] == "lung-right", "label_ids"]) == {"13 14"}  # lobes merged
     first = nib.load(tmp_path / "nifti" / table["file"][0])
     assert first.shape == (28, 28, 28)
-    np.testing.assert_allclose(np.asarray(first.dataobj) * 255, load_organ_npz(SAMPLE).images[0], atol=0.51)
+    np.testing.assert_allclose(np.asarray(first.dataobj), load_organ_npz(SAMPLE).images[0], atol=0.51)
     np.testing.assert_allclose(np.abs(np.diag(first.affine)[:3]), 2.0 * 24 / 28, rtol=1e-5)  # 24 voxels of 2 mm in 28
 
 

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from dagman_components.atomic import atomic_save, atomic_write_text
 from dagman_components.classification.splits import cv_split
 from dagman_components.classification.table import read_nodule_table
 from dagman_components.classification.transforms import nodule_preprocessing
-from dagman_components.encoder_io import card_path, prepare_encoder
+from dagman_components.data import HU_WINDOW, resolve_hu_window
+from dagman_components.encoder_io import card_path, card_preprocessing, prepare_encoder
 from dagman_components.frozen_features import frozen_features, image_batches
 from dagman_components.probing import DEFAULT_C, fit_logistic_probe, knn_scores, paired_auc_difference
 
@@ -85,17 +86,37 @@ def parse_encoder_spec(text: str) -> EncoderSpec:
     return EncoderSpec(name, target)
 
 
+def _preprocess_nodules(items: Sequence[Mapping[str, Any]], hu_window: Sequence[float]) -> torch.Tensor:
+    """(N, 1, D, H, W) float16 crops through the classification bundle's preprocessing at ``hu_window``."""
+    from monai.transforms import Compose
+
+    transform = Compose(nodule_preprocessing(hu_window=hu_window, track_meta=False))
+    return torch.stack([torch.as_tensor(transform(dict(it))["image"]).float() for it in items]).half()
+
+
 @dataclass
 class NoduleSet:
-    """A labelled nodule folder, preprocessed once.
+    """A labelled nodule folder, preprocessed once per HU window.
 
     Attributes:
         items: the table's items (``id``, ``label``, ``patient``, ``image``).
-        images: (N, 1, D, H, W) float16 images (the classification bundle's preprocessing).
+        images: (N, 1, D, H, W) float16 images (the classification bundle's preprocessing at ``hu_window``).
+        hu_window: the window of ``images``.
     """
 
     items: list[dict[str, Any]]
     images: torch.Tensor
+    hu_window: tuple[float, float] = HU_WINDOW
+    _by_window: dict[tuple[float, float], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def images_for(self, hu_window: str | Sequence[float]) -> torch.Tensor:
+        """The crops at another window (an encoder pretrained with it), preprocessed once and kept."""
+        window = resolve_hu_window(hu_window)
+        if window == tuple(self.hu_window):
+            return self.images
+        if window not in self._by_window:
+            self._by_window[window] = _preprocess_nodules(self.items, window)
+        return self._by_window[window]
 
     @property
     def labels(self) -> np.ndarray:
@@ -110,29 +131,31 @@ class NoduleSet:
         return [str(it["id"]) for it in self.items]
 
 
-def load_nodule_set(folder: str | os.PathLike, cache: str | os.PathLike | None = None) -> NoduleSet:
+def load_nodule_set(folder: str | os.PathLike, cache: str | os.PathLike | None = None,
+                    hu_window: str | Sequence[float] = HU_WINDOW) -> NoduleSet:
     """Read ``nodules.csv`` + ``image/`` and preprocess every crop (1 mm, 32^3, HU window), once.
 
     Args:
         folder: the LIDC-layout folder.
-        cache: a ``.pt`` file keeping the preprocessed images (reused when it exists).
+        cache: a ``.pt`` file keeping the preprocessed images (reused when it holds the same crops and window).
+        hu_window: the window of the images made now; encoders pretrained with another window get their own
+            (:meth:`NoduleSet.images_for`).
 
     Returns:
         The :class:`NoduleSet`.
     """
-    from monai.transforms import Compose
-
     folder = Path(folder)
+    window = resolve_hu_window(hu_window)
     items = [dict(it) for it in read_nodule_table(folder / "nodules.csv", image_dir=folder / "image")]
     if cache is not None and Path(cache).is_file():
         stored = torch.load(cache, weights_only=True)
-        if list(stored["ids"]) == [str(it["id"]) for it in items]:
-            return NoduleSet(items, stored["images"])
-    transform = Compose(nodule_preprocessing(track_meta=False))
-    images = torch.stack([torch.as_tensor(transform(dict(it))["image"]).float() for it in items]).half()
+        if list(stored["ids"]) == [str(it["id"]) for it in items] and \
+                tuple(stored.get("hu_window", HU_WINDOW)) == window:
+            return NoduleSet(items, stored["images"], window)
+    images = _preprocess_nodules(items, window)
     if cache is not None:
-        atomic_save({"images": images, "ids": [str(it["id"]) for it in items]}, cache)
-    return NoduleSet(items, images)
+        atomic_save({"images": images, "ids": [str(it["id"]) for it in items], "hu_window": list(window)}, cache)
+    return NoduleSet(items, images, window)
 
 
 class EncoderComparison:
@@ -215,11 +238,10 @@ class EncoderComparison:
         """(N, C) frozen features (random encoders are seeded per seed; pretrained ones once)."""
         key = (spec.name, seed if spec.weights is None else -1)
         if key not in self._features:
-            if spec.weights is None:
-                encoder = prepare_encoder(None, card=card_path(spec.like), seed=seed)
-            else:
-                encoder = prepare_encoder(spec.weights, seed=seed)
-            feats = frozen_features(encoder, (b.float() for b in image_batches(self.nodules.images, 32)),
+            card = card_path(spec.like if spec.weights is None else spec.weights)
+            encoder = prepare_encoder(spec.weights, card=card, seed=seed)
+            images = self.nodules.images_for(card_preprocessing(card)["hu_window"])
+            feats = frozen_features(encoder, (b.float() for b in image_batches(images, 32)),
                                     [self.token], self.device, f"{spec.name} features")[self.token]
             self._features[key] = feats.flatten(1).double().numpy()
         return self._features[key]

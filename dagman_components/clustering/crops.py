@@ -235,12 +235,18 @@ def load_ct_and_labels(
     image_path: str | os.PathLike,
     label_path: str | os.PathLike,
     spacing: Sequence[float] = DEFAULT_SPACING,
-    hu_window: Sequence[float] = HU_WINDOW,
+    hu_window: str | Sequence[float] | None = HU_WINDOW,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a CT and its label map through the project's one CT preprocessing.
 
+    Args:
+        image_path: the CT (HU).
+        label_path: its label map.
+        spacing: voxel spacing in mm.
+        hu_window: the window scaled to [0, 1]; ``None`` keeps Hounsfield units.
+
     Returns:
-        ``(image, label, affine)``: the image in [0, 1] and the integer label map, both 3D on the
+        ``(image, label, affine)``: the image (in [0, 1], or HU) and the integer label map, both 3D on the
         RAS grid at ``spacing`` mm, and the 4x4 voxel-to-world affine of that grid.
 
     Raises:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dagman_components.atomic import atomic_write_bytes
+from dagman_components.data.transforms import HU_WINDOW, resolve_hu_window
 from dagman_components.errors import DagmanError
 
 __all__ = [
@@ -69,7 +70,8 @@ class OrganCropSet:
     """Labelled 3D crops, all splits concatenated.
 
     Attributes:
-        images: ``(N, D, H, W)`` ``uint8`` (0..255) or float in [0, 1].
+        images: ``(N, D, H, W)``: ``int16`` Hounsfield units (crops cut by ``scripts/make_organ_crops.py``,
+            windowed for each encoder by :meth:`float_images`), ``uint8`` (0..255, MedMNIST) or float in [0, 1].
         labels: ``(N,)`` integer label ids.
         names: label id -> name, covering every id in ``labels``.
         splits: ``(N,)`` the split of each crop (``train`` / ``val`` / ``test``).
@@ -96,8 +98,25 @@ class OrganCropSet:
         """Crops per class name, in label-id order."""
         return {self.names[i]: int((self.labels == i).sum()) for i in self.class_ids}
 
-    def float_images(self) -> np.ndarray:
-        """The images as float32 in [0, 1] (``uint8`` divided by 255, as MedMNIST's loader does)."""
+    @property
+    def in_hounsfield(self) -> bool:
+        """Whether the crops are stored in Hounsfield units (``int16``), so any window can be applied."""
+        return self.images.dtype == np.int16
+
+    def float_images(self, hu_window: str | Sequence[float] = HU_WINDOW) -> np.ndarray:
+        """The images as float32 in [0, 1].
+
+        Args:
+            hu_window: for crops in Hounsfield units, the window clipped and scaled to [0, 1] (the encoder's,
+                from its model card). Crops stored already scaled (``uint8`` divided by 255, as MedMNIST's
+                loader does, or float) cannot be re-windowed and are returned as they are.
+
+        Returns:
+            ``(N, D, H, W)`` float32.
+        """
+        if self.in_hounsfield:
+            low, high = resolve_hu_window(hu_window)
+            return np.clip((self.images.astype(np.float32) - low) / (high - low), 0.0, 1.0)
         if self.images.dtype == np.uint8:
             return self.images.astype(np.float32) / 255.0
         return self.images.astype(np.float32, copy=False)
@@ -172,9 +191,10 @@ def _split_arrays(npz: Any, split: str, path: str) -> tuple[np.ndarray, np.ndarr
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.equal(np.mod(labels, 1), 0)):
             raise OrganDataError(f"'{path}': {lab_key} must hold integer class ids, got {labels.dtype} values.")
-    if images.dtype != np.uint8:
+    if images.dtype not in (np.uint8, np.int16):
         if not np.issubdtype(images.dtype, np.floating):
-            raise OrganDataError(f"'{path}': {img_key} must be uint8 (0..255) or float in [0, 1], got {images.dtype}.")
+            raise OrganDataError(f"'{path}': {img_key} must be int16 (Hounsfield units), uint8 (0..255) or float in "
+                                 f"[0, 1], got {images.dtype}.")
         if images.size and (float(images.min()) < -1e-3 or float(images.max()) > 1.0 + 1e-3):
             raise OrganDataError(
                 f"'{path}': {img_key} is float with values in [{images.min():.4g}, {images.max():.4g}]; store uint8 "
@@ -243,6 +263,9 @@ def load_organ_npz(
         raise OrganDataError(f"'{path}': the splits {splits} hold no crops.")
     if len(dtypes) == 1:
         images = np.concatenate([p[0] for p in non_empty])
+    elif np.dtype(np.int16) in dtypes:
+        raise OrganDataError(f"'{path}': some splits are in Hounsfield units (int16) and others are not ({sorted(map(str, dtypes))}); "
+                             "cut all splits with scripts/make_organ_crops.py.")
     else:  # uint8 and float splits: bring all to float in [0, 1]
         images = np.concatenate([p[0] / np.float32(255.0 if p[0].dtype == np.uint8 else 1.0) for p in non_empty])
     labels = np.concatenate([p[1] for p in parts])
@@ -294,7 +317,7 @@ def save_organ_npz(
 
     Args:
         path: output ``.npz``.
-        images: split -> ``(N, D, H, W)`` ``uint8`` crops.
+        images: split -> ``(N, D, H, W)`` crops, all ``int16`` (Hounsfield units) or all ``uint8`` (0..255).
         labels: split -> ``(N,)`` integer ids.
         label_names: id -> name, stored as the ``label_names`` string array (index = id); ids
             without a name get an empty string.
@@ -308,14 +331,17 @@ def save_organ_npz(
         raise ValueError(f"images and labels must have the same splits from {list(SPLITS)}, got {sorted(images)}.")
     if not images:
         raise ValueError("no crops to write.")
-    shape = next(iter(images.values())).shape[1:]
+    first = np.asarray(next(iter(images.values())))
+    shape, dtype = first.shape[1:], first.dtype
+    if dtype not in (np.uint8, np.int16):
+        raise ValueError(f"images must be int16 (Hounsfield units) or uint8, got {dtype}.")
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
-        img = np.asarray(images.get(split, np.zeros((0, *shape), np.uint8)))
+        img = np.asarray(images.get(split, np.zeros((0, *shape), dtype)))
         lab = np.asarray(labels.get(split, np.zeros((0,), np.int64))).reshape(-1, 1)
-        if img.dtype != np.uint8 or img.ndim != 4 or img.shape[1:] != shape:
+        if img.dtype != dtype or img.ndim != 4 or img.shape[1:] != shape:
             want = ", ".join(map(str, shape))
-            raise ValueError(f"{split} images must be uint8 (N, {want}), got {img.dtype} {img.shape}.")
+            raise ValueError(f"{split} images must be {dtype} (N, {want}), got {img.dtype} {img.shape}.")
         if lab.shape[0] != img.shape[0]:
             raise ValueError(f"{split}: {img.shape[0]} images but {lab.shape[0]} labels.")
         arrays[f"{split}_images"] = img

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from dagman_components.clustering.metrics import (
 )
 from dagman_components.clustering.organ_npz import OrganCropSet
 from dagman_components.clustering.writers import write_csv, write_json
+from dagman_components.data.transforms import HU_WINDOW, resolve_hu_window
 from dagman_components.progress import progress
 
 __all__ = ["ClusteringResult", "OrganClustering", "OUTPUT_FILES"]
@@ -92,6 +94,8 @@ class OrganClustering:
         umap_min_dist: UMAP ``min_dist``.
         seed: seed of the fold shuffling, k-means and UMAP.
         description: free text stored in the JSON (e.g. which weights, which data).
+        hu_window: the encoder's HU window (its model card's): crops stored in Hounsfield units are
+            windowed with it; crops stored already scaled (MedMNIST) are used as they are.
 
     Example::
 
@@ -113,6 +117,7 @@ class OrganClustering:
         umap_min_dist: float = 0.1,
         seed: int = 0,
         description: str = "",
+        hu_window: str | Sequence[float] = HU_WINDOW,
     ) -> None:
         if len(dataset) < 3:
             raise ValueError(f"clustering needs at least 3 crops, '{dataset.source}' gives {len(dataset)}.")
@@ -127,6 +132,10 @@ class OrganClustering:
         self.umap_min_dist = float(umap_min_dist)
         self.seed = int(seed)
         self.description = description
+        self.hu_window = resolve_hu_window(hu_window)
+        if not dataset.in_hounsfield and self.hu_window != HU_WINDOW:
+            logger.warning("the crops of %s are stored already scaled, so the encoder's window %s cannot be applied; "
+                           "cut crops in HU with scripts/make_organ_crops.py.", dataset.source, list(self.hu_window))
 
     def _encoder_info(self) -> dict[str, Any]:
         enc = self.encoder
@@ -150,7 +159,7 @@ class OrganClustering:
     def compute(self) -> ClusteringResult:
         """Features, metrics and the UMAP embedding, in memory."""
         ds, t0 = self.dataset, time.perf_counter()
-        raw = self.extractor(self.encoder, ds.images)
+        raw = self.extractor(self.encoder, ds.float_images(self.hu_window))
         t_features = time.perf_counter() - t0
         x = normalise_features(raw, self.feature_norm)
         labels = ds.labels
@@ -171,6 +180,7 @@ class OrganClustering:
                 "splits": sorted(set(ds.splits.tolist()), key=["train", "val", "test"].index),
                 "cases": len(ds),
                 "crop_shape": list(ds.images.shape[1:]),
+                "hu_window": list(self.hu_window) if ds.in_hounsfield else "stored scaled",
                 "classes": len(ds.class_ids),
                 "cases_per_class": ds.class_counts(),
             },

@@ -11,6 +11,8 @@ from .views import PretrainingViewsd, ViewMode
 from .transforms import (
     DEFAULT_SPACING,
     HU_WINDOW,
+    HU_WINDOWS,
+    resolve_hu_window,
     WarnIfNotHounsfieldd,
     check_roi_size,
     ct_load_and_normalise,
@@ -21,6 +23,8 @@ __all__ = [
     "DICOM_EXTENSION",
     "DEFAULT_SPACING",
     "HU_WINDOW",
+    "HU_WINDOWS",
+    "resolve_hu_window",
     "VOLUME_EXTENSIONS",
     "DataSourceError",
     "IterationSeeder",

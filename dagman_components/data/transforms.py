@@ -43,6 +43,8 @@ from dagman_components.errors import ConfigValueError
 
 __all__ = [
     "HU_WINDOW",
+    "HU_WINDOWS",
+    "resolve_hu_window",
     "DEFAULT_SPACING",
     "WarnIfNotHounsfieldd",
     "check_roi_size",
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 #: Hounsfield window clipped and scaled to [0, 1] (SMIT/DAGMaN abdominal window).
 HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
+#: Named windows, accepted wherever a window is set (``hu_window: lung``). ``soft_tissue`` is the
+#: paper's; ``lung`` keeps the parenchyma and ground-glass opacities (the range of MONAI's LUNA16
+#: lung-nodule detection bundle), which the soft-tissue window maps to 0.
+HU_WINDOWS: dict[str, tuple[float, float]] = {"soft_tissue": HU_WINDOW, "lung": (-1024.0, 300.0)}
 #: Voxel spacing in mm that every volume is resampled to.
 DEFAULT_SPACING: tuple[float, float, float] = (2.0, 2.0, 2.0)
 
@@ -176,18 +182,53 @@ def check_roi_size(roi_size: int | Sequence[int], divisor: int = 32, key: str = 
     return sides  # type: ignore[return-value]
 
 
-def _check_window_and_spacing(spacing: Sequence[float], hu_window: Sequence[float]) -> None:
+def resolve_hu_window(window: str | Sequence[float], key: str = "hu_window") -> tuple[float, float]:
+    """The (low, high) HU of a window given by name (:data:`HU_WINDOWS`) or as a pair.
+
+    Args:
+        window: ``"soft_tissue"``, ``"lung"`` or ``[low, high]`` in HU.
+        key: the config key named in the error.
+
+    Returns:
+        ``(low, high)`` as floats.
+
+    Raises:
+        ConfigValueError: an unknown name, or not two numbers with low < high.
+
+    Example:
+        >>> resolve_hu_window("lung")
+        (-1024.0, 300.0)
+        >>> resolve_hu_window([-175, 250])
+        (-175.0, 250.0)
+    """
+    if isinstance(window, str):
+        if window not in HU_WINDOWS:
+            raise ConfigValueError(f"{key}: unknown window '{window}'; use one of {sorted(HU_WINDOWS)} or [low, high] in HU.")
+        return HU_WINDOWS[window]
+    try:
+        low, high = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ConfigValueError(
+            f"{key} must be a window name {sorted(HU_WINDOWS)} or [low, high] in HU, got {window!r}."
+        ) from None
+    if not low < high:
+        raise ConfigValueError(f"{key} must be (low, high) with low < high, got {window!r}.")
+    return low, high
+
+
+def _check_window_and_spacing(
+    spacing: Sequence[float], hu_window: str | Sequence[float] | None
+) -> tuple[float, float] | None:
     if len(ensure_tuple(spacing)) != 3 or any(float(s) <= 0 for s in ensure_tuple(spacing)):
         raise ValueError(f"spacing must be three positive values in mm, got {spacing!r}.")
-    if len(ensure_tuple(hu_window)) != 2 or float(hu_window[0]) >= float(hu_window[1]):
-        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window!r}.")
+    return None if hu_window is None else resolve_hu_window(hu_window)
 
 
 def ct_load_and_normalise(
     keys: KeysCollection = ("image",),
     label_keys: KeysCollection = (),
     spacing: Sequence[float] = DEFAULT_SPACING,
-    hu_window: Sequence[float] = HU_WINDOW,
+    hu_window: str | Sequence[float] | None = HU_WINDOW,
     reader: Any = None,
 ) -> list[Transform]:
     """The CT preprocessing shared by every bundle: load, check HU, RAS, resample, window and scale.
@@ -200,7 +241,8 @@ def ct_load_and_normalise(
         keys: image keys.
         label_keys: label keys (same geometry, no intensity change).
         spacing: output voxel spacing in mm.
-        hu_window: (low, high) HU mapped to (0, 1), values outside clipped.
+        hu_window: (low, high) HU mapped to (0, 1), values outside clipped, or a name of :data:`HU_WINDOWS`;
+            ``None`` keeps Hounsfield units (crops stored in HU, windowed later for each encoder).
         reader: optional MONAI image reader for ``LoadImaged`` (e.g. ``"ITKReader"``).
 
     Returns:
@@ -220,7 +262,7 @@ def ct_load_and_normalise(
         raise ValueError("keys must name at least one image key.")
     if set(image_keys) & set(labels):
         raise ValueError(f"keys and label_keys overlap: {sorted(set(image_keys) & set(labels))}.")
-    _check_window_and_spacing(spacing, hu_window)
+    hu_window = _check_window_and_spacing(spacing, hu_window)
     all_keys = image_keys + labels
     transforms: list[Transform] = [
         LoadImaged(all_keys, reader=reader, ensure_channel_first=True, image_only=True),
@@ -237,10 +279,11 @@ def ct_load_and_normalise(
             mode=("bilinear",) * len(image_keys) + ("nearest",) * len(labels),
             dtype=np.float32,
         ),
-        ScaleIntensityRanged(
-            image_keys, a_min=float(hu_window[0]), a_max=float(hu_window[1]), b_min=0.0, b_max=1.0, clip=True
-        ),
     ]
+    if hu_window is not None:
+        transforms.append(ScaleIntensityRanged(
+            image_keys, a_min=float(hu_window[0]), a_max=float(hu_window[1]), b_min=0.0, b_max=1.0, clip=True
+        ))
     return transforms
 
 

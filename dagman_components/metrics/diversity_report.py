@@ -37,7 +37,7 @@ from dagman_components.data import (
     check_roi_size,
     ct_load_and_normalise,
 )
-from dagman_components.encoder_io import prepare_encoder, read_model_card
+from dagman_components.encoder_io import card_preprocessing, prepare_encoder, read_model_card
 from dagman_components.metrics.attention_diversity import (
     SwinAttentionRecorder,
     attention_distance,
@@ -239,8 +239,8 @@ def diversity_report(
         raise ValueError("the random encoder (model_path None) needs model_card for its settings.")
     card = read_model_card(model_card if model_card is not None else model_path)
     roi = roi_size or card.get("training", {}).get("roi_size") or 64
-    spacing = spacing or card.get("preprocessing", {}).get("spacing_mm") or DEFAULT_SPACING
-    hu = card.get("preprocessing", {}).get("hu_window") or HU_WINDOW
+    preprocessing = card_preprocessing(card, spacing=spacing)
+    spacing, hu = preprocessing["spacing"], preprocessing["hu_window"]
     encoder = prepare_encoder(model_path, card, seed=seed).to(device)
     ds = volume_loader(source, roi, spacing=spacing, hu_window=hu, max_volumes=max_volumes)
     if len(ds) == 0:
