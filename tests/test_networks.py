@@ -166,3 +166,26 @@ def test_dino_init_of_the_semantic_attention_blocks():
     assert set(net.state_dict()) == set(default.state_dict())
     with pytest.raises(ValueError, match="sa_init"):
         SwinDAGMaN(embed_dim=12, num_heads=(3, 3, 3, 3), sa_init="xavier")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sa_head_width_option(fused):
+    settings = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), sa_stage=2, sa_heads=4)
+    torch.manual_seed(0)
+    wide = SwinDAGMaN(**settings, sa_head_dim=48, use_flash_attention=fused).eval()
+    default = SwinDAGMaN(**settings)
+    attn = wide.sa.blocks[1].attn
+    assert attn.num_heads == 4 and attn.dim_head == 48
+    assert tuple(attn.qkv.weight.shape) == (3 * 4 * 48, 48)  # SA width 48 at stage 2; 4 heads of 48
+    assert tuple(attn.out_proj.weight.shape) == (48, 4 * 48)
+    assert default.sa.blocks[1].attn.dim_head == 12  # 48 / 4
+    assert set(wide.state_dict()) == set(default.state_dict())  # same names, other shapes
+    out = wide(torch.rand(2, 1, 32, 32, 32))
+    assert out["s_att"].shape == (2, 64) and torch.allclose(out["s_att"].sum(-1), torch.ones(2))
+    if fused:  # the explicit [CLS] row of a fused block equals the unfused block's probabilities
+        unfused = SwinDAGMaN(**settings, sa_head_dim=48).eval()
+        unfused.load_state_dict(wide.state_dict())
+        x = torch.rand(2, 1, 32, 32, 32)
+        torch.testing.assert_close(unfused(x)["s_att"], wide(x)["s_att"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sa_head_dim"):
+        SwinDAGMaN(**settings, sa_head_dim=0)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import TransformerBlock
+from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.utils import ensure_tuple_rep
 
@@ -66,20 +66,26 @@ class SemanticAttention(nn.Module):
             block does not return, is then computed on its own (:func:`cls_attention`).
         init: ``default`` (PyTorch's initialisation of MONAI's blocks) or ``dino`` (DINO / timm: linear
             weights truncated normal with std 0.02, biases 0, layer norms 1 and 0).
+        head_dim: width of each attention head; ``None``: ``dim // num_heads`` (MONAI's block as is).
+            Set, the query/key/value projections are ``num_heads * head_dim`` wide (MONAI's ``SABlock``
+            ``dim_head``), so that few channels can still have wide heads (the paper's are 48 wide).
 
     Raises:
-        ValueError: when ``dim`` is not divisible by ``num_heads`` or ``depth < 1``.
+        ValueError: when ``dim`` is not divisible by ``num_heads`` (without ``head_dim``), ``head_dim < 1``
+            or ``depth < 1``.
     """
 
     def __init__(self, dim: int, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
-                 use_flash_attention: bool = False, init: str = "default"):
+                 use_flash_attention: bool = False, init: str = "default", head_dim: int | None = None):
         super().__init__()
         if init not in SA_INITS:
             raise ValueError(f"sa_init must be one of {list(SA_INITS)}, got {init!r}.")
         if depth < 1:
             raise ValueError(f"sa_depth must be at least 1, got {depth}.")
-        if dim % num_heads != 0:
-            raise ValueError(f"sa_heads={num_heads} must divide the semantic-attention width {dim}.")
+        if head_dim is None and dim % num_heads != 0:
+            raise ValueError(f"sa_heads={num_heads} must divide the semantic-attention width {dim} (or set sa_head_dim).")
+        if head_dim is not None and int(head_dim) < 1:
+            raise ValueError(f"sa_head_dim must be a positive int or null, got {head_dim}.")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.blocks = nn.ModuleList(
@@ -94,8 +100,13 @@ class SemanticAttention(nn.Module):
             )
             for i in range(depth)
         )
-        for block in self.blocks:  # MONAI builds this norm even without cross-attention; it never
-            block.norm_cross_attn.requires_grad_(False)  # gets a gradient, which DDP would reject
+        for i, block in enumerate(self.blocks):
+            if head_dim is not None:  # MONAI's attention with its own head width; same parameter names
+                block.attn = SABlock(dim, num_heads, dropout_rate=drop_rate, qkv_bias=True, dim_head=int(head_dim),
+                                     save_attn=i == depth - 1 and not use_flash_attention,
+                                     use_flash_attention=use_flash_attention)
+            block.norm_cross_attn.requires_grad_(False)  # MONAI builds this norm even without cross-attention; it
+            # never gets a gradient, which DDP would reject
         if init == "dino":
             self.blocks.apply(_dino_init)
         self.norm = nn.LayerNorm(dim)
@@ -148,6 +159,8 @@ class SwinDAGMaN(SwinTransformer):
             the backbone of the SimMIM-like baseline.
         sa_depth: transformer blocks in the semantic-attention block.
         sa_heads: attention heads of the semantic-attention block.
+        sa_head_dim: width of each of its heads; ``None``: the SA width / ``sa_heads`` (at embed 24 and
+            stage 2, 96 / 8 = 12). An architecture setting (it shapes the weights), recorded in the card.
         mlp_ratio: MLP width ratio of every block.
         drop_path_rate: stochastic depth of the Swin blocks (0.1 for the student, 0 for inference).
         use_checkpoint: MONAI's gradient-checkpointing switch (saves memory at 128^3 on small GPUs).
@@ -163,7 +176,7 @@ class SwinDAGMaN(SwinTransformer):
 
     Raises:
         ValueError: for an ``sa_stage`` outside 1..len(depths) or an SA width not divisible by
-            ``sa_heads``.
+            ``sa_heads`` (without ``sa_head_dim``).
 
     Example::
 
@@ -189,6 +202,7 @@ class SwinDAGMaN(SwinTransformer):
         use_flash_attention: bool = False,
         token_drop_fill: str = "zero",
         sa_init: str = "default",
+        sa_head_dim: int | None = None,
     ) -> None:
         if sa_stage is not None and not 1 <= sa_stage <= len(depths):
             raise ValueError(f"sa_stage must be in 1..{len(depths)}, got {sa_stage}.")
@@ -219,7 +233,7 @@ class SwinDAGMaN(SwinTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim, 1, 1, 1))
         self.sa = (
             SemanticAttention(self.sa_dim, depth=sa_depth, num_heads=sa_heads, mlp_ratio=mlp_ratio,
-                              use_flash_attention=use_flash_attention, init=sa_init)
+                              use_flash_attention=use_flash_attention, init=sa_init, head_dim=sa_head_dim)
             if sa_stage is not None
             else None
         )
