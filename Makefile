@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 # collapse diagnostics) and $(BUNDLE)/runs/probe_auc.png (frozen-teacher probe on the 24 shipped nodule crops);
 # a second run resumes from the checkpoint (make clean-demo starts over).
 demo: $(VENV)/.installed
-	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/demo.yaml','$(BUNDLE)/configs/probe.yaml']" \
+	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/small_cpu.yaml','$(BUNDLE)/configs/probe.yaml','$(BUNDLE)/configs/demo_recipe.yaml']" \
 		--bundle_root $(BUNDLE) --logging_file $(BUNDLE)/configs/logging.conf
 
 # The layers and the lint rules (setup.cfg [importlinter], pyproject.toml [tool.ruff]): a core module that imports a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,7 +236,7 @@ def test_attention_option_records_shifted_crop_metrics_and_keeps_them_across_a_r
     from dagman_components.handlers.probe import ATTENTION_SERIES
 
     net = _network(seed=2)
-    probe = _probe(tmp_path, network=net, interval=0, attention=True, attention_patch_drop=0.7)
+    probe = _probe(tmp_path, network=net, interval=0, attention=True, attention_patch_drop=0.7, overlay_cases=2)
     assert probe.data.masks.shape == probe.data.images.shape and float(probe.data.masks.sum()) > 0
     engine = _engine()
     probe.attach(engine)
@@ -245,6 +246,10 @@ def test_attention_option_records_shifted_crop_metrics_and_keeps_them_across_a_r
     for name in ATTENTION_SERIES:
         assert len(state[name]) == 2 and all(np.isfinite(state[name]))
     assert state["att_cell_auroc"][0] != state["att_cell_auroc_noisy"][0]  # the noisy pass differs
+    from PIL import Image
+
+    with Image.open(tmp_path / "attention_overlay.png") as png:  # 2 crops: 2 rows of (CT, CT + S_ATT)
+        assert png.size[1] > 200
     with open(tmp_path / "probe_auc.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", *ATTENTION_SERIES, "seconds"]
@@ -260,3 +265,15 @@ def test_attention_option_needs_masks_and_says_where(tmp_path):
     shutil.copytree(SAMPLE, folder, ignore=shutil.ignore_patterns("mask"))
     with pytest.raises(FileNotFoundError, match="probe_attention"):
         FrozenFeatureProbe(folder, attention=True, roi_size=32)
+
+
+def test_demo_recipe_pretrains_on_shipped_crops_of_other_patients_than_it_probes(tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in ("train.yaml", "small_cpu.yaml", "probe.yaml", "demo_recipe.yaml")])
+    parser.update({"bundle_root": str(BUNDLE)})
+    images = sorted(Path(parser.get_parsed_content("dataset_dir")).glob("*.nii.gz"))
+    assert len(images) == 158
+    assert parser.get_parsed_content("probe_attention") is True and parser.get_parsed_content("probe_overlay_cases") == 6
+    probed = {r["patient_id"] for r in csv.DictReader(open(Path(parser.get_parsed_content("probe_dir")) / "nodules.csv"))}
+    pretrained = {p.name.split("_R_")[0] for p in images}
+    assert len(pretrained) == 96 and not probed & pretrained

@@ -121,18 +121,17 @@ def _plot_diagnostics(axes: Sequence, history: dict[str, list[float]], iteration
     ax_h.set_title("teacher / student entropy (nats)", fontsize=9)
     ax_kl.set_title("KL(teacher || student) = CE - H(teacher)", fontsize=9)
     ax_spread.set_title("feature spread (1 = isotropic, 0 = collapsed); |centre| dotted", fontsize=9)
-    for key, style, label in (("satt/entropy", "-", "S_ATT entropy"), ("satt/log_n", "--", "log N (uniform)")):
-        values = _series(history, key)
-        if values is not None:
-            ax_att.plot(iterations, values, style, color="tab:blue", lw=1.1, label=label)
-    log_n = _series(history, "satt/log_n")
-    if log_n is not None:
-        ax_att.set_ylim(0.0, 1.05 * max(v for v in log_n if math.isfinite(v)))
-    values = _series(history, "satt/max")
-    if values is not None:
+    entropy, log_n = _series(history, "satt/entropy"), _series(history, "satt/log_n")
+    if entropy is not None and log_n is not None:  # what moves: nats below uniform (0 = uniform attention)
+        ax_att.plot(iterations, [n - h for n, h in zip(log_n, entropy)], color="tab:blue", lw=1.1,
+                    label="log N - S_ATT entropy (nats, left)")
+        ax_att.set_ylim(bottom=0.0)
+    peak = _series(history, "satt/max")
+    if peak is not None and log_n is not None:  # the largest cell's attention over a uniform cell's (1 = uniform)
         twin = ax_att.twinx()
-        twin.set_ylim(0.0, 1.05 * max(v for v in values if math.isfinite(v)))
-        twin.plot(iterations, values, color="tab:orange", lw=1.0, label="S_ATT max (right)")
+        twin.plot(iterations, [p * math.exp(n) for p, n in zip(peak, log_n)], color="tab:orange", lw=1.0,
+                  label="max S_ATT x N (right)")
+        twin.set_ylim(bottom=0.0)
         twin.legend(fontsize=7, loc="lower right")
     ax_att.set_title("[CLS] attention S_ATT", fontsize=9)
     for ax in axes:

@@ -266,6 +266,9 @@ class FrozenFeatureProbe:
             (:data:`ATTENTION_SERIES`; cases with an empty mask are left out).
         attention_shift: largest shift per axis, in voxels.
         attention_patch_drop: token-drop rate of the noisy pass (the run's ``teacher_patch_drop``).
+        overlay_cases: with ``attention``, also draw S_ATT over this many crops (the first ones with a
+            lesion, unshifted, the mask outlined) at every probe, into ``attention_overlay.png`` beside
+            ``png_path``; 0: no overlay.
 
     Raises:
         FileNotFoundError: ``probe_dir``, its ``nodules.csv`` or its ``image/`` folder is missing
@@ -303,6 +306,7 @@ class FrozenFeatureProbe:
         attention: bool = False,
         attention_shift: int = 8,
         attention_patch_drop: float = 0.7,
+        overlay_cases: int = 0,
     ) -> None:
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}.")
@@ -321,6 +325,7 @@ class FrozenFeatureProbe:
         self.device = device
         self.attention, self.attention_shift = bool(attention), int(attention_shift)
         self.attention_patch_drop = float(attention_patch_drop)
+        self.overlay_cases = int(overlay_cases) if self.attention else 0
         self.items = self._read_items()
         self._data: ProbeData | None = None
         self.history = CurveHistory("iteration")  # auc_<token> and seconds per probed iteration
@@ -386,6 +391,28 @@ class FrozenFeatureProbe:
             out[f"att_cell_auroc{suffix}"] = report["s_att"]["cell_auroc"]
             out[f"att_mass_ratio{suffix}"] = report["s_att"]["mass_ratio"]
         return out
+
+    @property
+    def overlay_path(self) -> Path | None:
+        """``attention_overlay.png`` beside ``png_path``."""
+        return self.png_path.with_name("attention_overlay.png") if self.png_path is not None else None
+
+    def draw_overlay(self, engine: Engine | None = None) -> None:
+        """S_ATT over the first ``overlay_cases`` crops with a lesion (the encoder now), into :attr:`overlay_path`."""
+        from dagman_components.visualize.attention_overlay import attention_volume
+        from dagman_components.visualize.heatmap import plot_attention_slices, save_figure_atomic
+
+        encoder = self._encoder(engine)
+        d, device = self.data, self._device(engine, encoder)
+        assert d.masks is not None
+        chosen = [i for i in range(len(d.ids)) if bool(d.masks[i].any())][: self.overlay_cases]
+        maps = [attention_volume(encoder, d.images[i : i + 1].to(device)) for i in chosen]
+        iteration = int(engine.state.iteration) if engine is not None else 0
+        fig = plot_attention_slices([d.images[i, 0].numpy() for i in chosen], maps,
+                                    [d.masks[i, 0].numpy() for i in chosen], slices=1,
+                                    title=f"[CLS] attention S_ATT at iteration {iteration} (nodule outlined)",
+                                    colorbar_label="attention (case min to max)")
+        save_figure_atomic(fig, self.overlay_path)
 
     @property
     def data(self) -> ProbeData:
@@ -462,6 +489,8 @@ class FrozenFeatureProbe:
         if self.attention:
             values.update(self.attention_scores(engine))
         seconds = time.perf_counter() - t0
+        if self.overlay_cases and self.png_path is not None:
+            self.draw_overlay(engine)
         iteration = int(engine.state.iteration)
         for name, value in values.items():
             self.history.add(name, iteration, value)

@@ -74,7 +74,7 @@ def plot_attention_slices(
 
     Each volume's attention is scaled from its own minimum (transparent) to its maximum (most
     opaque); the colour bar gives the fraction of that range. Slices are evenly spaced through the
-    inner 60 % of ``axis``.
+    inner 60 % of ``axis`` (one slice: the middle one).
 
     Args:
         images: ``(D, H, W)`` CT volumes in [0, 1], all of one shape.
@@ -107,7 +107,10 @@ def plot_attention_slices(
         raise ValueError(f"need as many attention maps (and masks) as images (got {len(images)}, "
                          f"{len(attentions)} and {len(masks)}).")
     depth = images[0].shape[axis]
-    idx = np.unique(np.linspace(0.2 * (depth - 1), 0.8 * (depth - 1), slices).round().astype(int))
+    if slices == 1:  # the middle slice (a lesion-centred crop's lesion)
+        idx = np.array([round(0.5 * (depth - 1))])
+    else:
+        idx = np.unique(np.linspace(0.2 * (depth - 1), 0.8 * (depth - 1), slices).round().astype(int))
     per_slice = 2 if with_plain_ct else 1
     cols = per_slice * len(idx)
     fig, axes = plt.subplots(len(images), cols, squeeze=False,
