@@ -98,7 +98,7 @@ def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path)
     with open(tmp_path / "probe_auc.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows] == [0, 4, 8, 10]
-    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", "seconds"]
+    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", "wall_s", "seconds"]
     assert float(rows[1]["auc_global"]) == pytest.approx(probe.aucs["global"][1], abs=1e-5)
 
 
@@ -164,6 +164,8 @@ def test_history_round_trips_and_a_resumed_run_skips_the_baseline(tmp_path):
     assert seen == [4] and engine.state.iteration == 8
     assert resumed.iterations == [0, 2, 4, 6, 8]  # no second baseline
     assert resumed.aucs["cls"][:3] == probe.aucs["cls"]
+    walls = resumed.history.values("wall_s")
+    assert walls[:3] == probe.history.values("wall_s") and all(b > a for a, b in zip(walls, walls[1:]))
 
     from_csv = _probe(tmp_path, network=net, interval=2)  # not in the checkpoint: its CSV is read back
     engine = _engine()
@@ -252,7 +254,7 @@ def test_attention_option_records_shifted_crop_metrics_and_keeps_them_across_a_r
         assert png.size[1] > 200
     with open(tmp_path / "probe_auc.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", *ATTENTION_SERIES, "seconds"]
+    assert list(rows[0]) == ["iteration", "auc_cls", "auc_global", *ATTENTION_SERIES, "wall_s", "seconds"]
     copy = _probe(tmp_path, network=net, interval=0, attention=True)
     copy._recover_from_csv(1)  # a resumed run without the probe in its checkpoint reads the CSV back
     assert all(copy.state_dict()[k] == pytest.approx(v, rel=1e-5) for k, v in state.items())
@@ -277,3 +279,15 @@ def test_demo_recipe_pretrains_on_shipped_crops_of_other_patients_than_it_probes
     probed = {r["patient_id"] for r in csv.DictReader(open(Path(parser.get_parsed_content("probe_dir")) / "nodules.csv"))}
     pretrained = {p.name.split("_R_")[0] for p in images}
     assert len(pretrained) == 96 and not probed & pretrained
+
+
+def test_time_to_a_useful_encoder_is_the_first_probe_margin_above_iteration_zero(tmp_path):
+    probe = _probe(tmp_path)
+    history = {"iterations": [0, 100, 200, 300], "auc_cls": [0.70, 0.74, 0.76, 0.72], "auc_global": [0.7] * 4,
+               "wall_s": [5.0, 65.0, 130.0, 190.0], "seconds": [5.0] * 4}
+    probe.load_state_dict(history)
+    assert probe.time_to_useful("cls", 0.05) == (200, 130.0)
+    assert probe.time_to_useful("cls", 0.07) is None and probe.time_to_useful("global") is None
+    assert probe._wall_offset == 190.0  # a resumed run's wall clock continues from its last probe
+    probe.load_state_dict({k: v[1:] for k, v in history.items()})
+    assert probe.time_to_useful("cls") is None  # no random-init baseline recorded

@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 _DIR_KEY = "probe_dir"
 #: Series the ``attention`` option adds: S_ATT's cell AUROC and mass ratio on shifted crops, clean and noisy pass
 #: (:func:`~dagman_components.metrics.attention_localisation.attention_localisation`).
+#: Wall-clock seconds of the run when each probe finished (training, data and earlier probes included; a resumed
+#: run continues from its last recorded value): the x axis of "time to a useful encoder".
+WALL_SERIES = "wall_s"
+#: ATTENTION_SERIES: S_ATT's localisation on shifted crops, clean and noisy pass.
 ATTENTION_SERIES: tuple[str, ...] = ("att_cell_auroc", "att_mass_ratio", "att_cell_auroc_noisy", "att_mass_ratio_noisy")
 
 
@@ -166,7 +170,8 @@ class ProbeCurveWriter(CurveWriter):
         _draw_attention_panel(ax, self.history)
 
     def columns(self) -> list[str]:
-        return [f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else []) + ["seconds"]
+        return ([f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else [])
+                + [WALL_SERIES, "seconds"])
 
     def draw(self, plt: Any) -> Any:
         if self.attention:
@@ -328,6 +333,8 @@ class FrozenFeatureProbe:
         self.overlay_cases = int(overlay_cases) if self.attention else 0
         self.items = self._read_items()
         self._data: ProbeData | None = None
+        self._clock_start: float | None = None  # perf_counter at the run's start in this process
+        self._wall_offset = 0.0  # wall seconds recorded before this process (a resumed run)
         self.history = CurveHistory("iteration")  # auc_<token> and seconds per probed iteration
         self.curves = (ProbeCurveWriter(self.png_path, self.tokens, self.history, attention=self.attention)
                        if self.png_path is not None else None)
@@ -489,6 +496,9 @@ class FrozenFeatureProbe:
         if self.attention:
             values.update(self.attention_scores(engine))
         seconds = time.perf_counter() - t0
+        if self._clock_start is None:
+            self._clock_start = t0
+        values[WALL_SERIES] = self._wall_offset + time.perf_counter() - self._clock_start
         if self.overlay_cases and self.png_path is not None:
             self.draw_overlay(engine)
         iteration = int(engine.state.iteration)
@@ -510,6 +520,10 @@ class FrozenFeatureProbe:
                     result["seconds"], "" if not self.attention else
                     "; S_ATT on shifted crops: cell AUROC {:.3f} (noisy {:.3f}), mass ratio {:.2f} (noisy {:.2f})".format(
                         *(result[k] for k in ATTENTION_SERIES[::2] + ATTENTION_SERIES[1::2])))
+        useful = self.time_to_useful(self.tokens[0])
+        if useful is not None and useful[0] == result["iteration"]:
+            logger.info("probe: the %s probe is 0.05 AUC above its random-init value after %.1f min of wall time "
+                        "(iteration %d): the time to a useful encoder", self.tokens[0], useful[1] / 60, useful[0])
         self.write()
 
     # -- ignite
@@ -529,6 +543,7 @@ class FrozenFeatureProbe:
             self.run_probe(engine)
 
     def _on_started(self, engine: Engine) -> None:
+        self._clock_start = time.perf_counter()
         if int(engine.state.iteration) == 0:
             self(engine)  # the random-init baseline
         elif not self.iterations:
@@ -584,7 +599,23 @@ class FrozenFeatureProbe:
     @property
     def series(self) -> list[str]:
         """The recorded series besides ``seconds``: ``auc_<token>``, then :data:`ATTENTION_SERIES` with ``attention``."""
-        return [f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else [])
+        return [f"auc_{t}" for t in self.tokens] + (list(ATTENTION_SERIES) if self.attention else []) + [WALL_SERIES]
+
+    def time_to_useful(self, token: str = "cls", margin: float = 0.05) -> tuple[int, float] | None:
+        """When the probe first exceeded its random-init value (iteration 0) by ``margin``.
+
+        Args:
+            token: the probed output.
+            margin: the AUC gain over iteration 0.
+
+        Returns:
+            ``(iteration, wall seconds)`` of the first such probe, or ``None`` (not reached, or no iteration-0
+            baseline in the history).
+        """
+        its, aucs, walls = self.iterations, self.history.values(f"auc_{token}"), self.history.values(WALL_SERIES)
+        if not its or its[0] != 0:
+            return None
+        return next(((i, w) for i, a, w in zip(its, aucs, walls) if a >= aucs[0] + margin), None)
 
     def state_dict(self) -> dict[str, list]:
         """The history: ``iterations``, every series and ``seconds`` (plain lists, checkpoint-safe)."""
@@ -609,3 +640,5 @@ class FrozenFeatureProbe:
             for name in self.series:
                 self.history.add(name, iteration, state[name][n])
             self.history.add("seconds", iteration, state["seconds"][n])
+        walls = list(state[WALL_SERIES])
+        self._wall_offset = float(walls[-1]) if walls else 0.0
