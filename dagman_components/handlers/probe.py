@@ -86,6 +86,28 @@ class ProbeData:
     masks: torch.Tensor | None = None
 
 
+def first_useful_probe(iterations: Sequence[int], walls: Sequence[float], aucs: Sequence[float],
+                       margin: float = 0.05) -> tuple[int, float] | None:
+    """The first probe ``margin`` above the iteration-0 probe (the random-initialised encoder).
+
+    Args:
+        iterations: the probed iterations.
+        walls: the run's wall seconds at each probe.
+        aucs: the probe AUC at each.
+        margin: the AUC gain asked for.
+
+    Returns:
+        ``(iteration, wall seconds)``, or ``None`` (not reached, or no iteration-0 probe).
+
+    Example:
+        >>> first_useful_probe([0, 100, 200], [5.0, 60.0, 120.0], [0.70, 0.74, 0.76])
+        (200, 120.0)
+    """
+    if not iterations or iterations[0] != 0:
+        return None
+    return next(((int(i), float(w)) for i, w, a in zip(iterations, walls, aucs) if a >= aucs[0] + margin), None)
+
+
 def _patients_per_class(items: Sequence[Mapping[str, Any]]) -> dict[int, int]:
     """Number of patients with at least one nodule of each class (0 benign, 1 malignant)."""
     members: dict[int, set[str]] = {0: set(), 1: set()}
@@ -612,10 +634,8 @@ class FrozenFeatureProbe:
             ``(iteration, wall seconds)`` of the first such probe, or ``None`` (not reached, or no iteration-0
             baseline in the history).
         """
-        its, aucs, walls = self.iterations, self.history.values(f"auc_{token}"), self.history.values(WALL_SERIES)
-        if not its or its[0] != 0:
-            return None
-        return next(((i, w) for i, a, w in zip(its, aucs, walls) if a >= aucs[0] + margin), None)
+        return first_useful_probe(self.iterations, self.history.values(WALL_SERIES),
+                                  self.history.values(f"auc_{token}"), margin)
 
     def state_dict(self) -> dict[str, list]:
         """The history: ``iterations``, every series and ``seconds`` (plain lists, checkpoint-safe)."""
