@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["rank", "is_main_process", "HandlerGroup"]
+__all__ = ["rank", "world_size", "is_main_process", "HandlerGroup"]
 
 
 def rank() -> int:
@@ -17,6 +17,14 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Processes in the job: the process group's size, or before it exists torchrun's ``WORLD_SIZE`` (1 alone)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:

@@ -24,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from dagman_components import distributed
 
 __all__ = ["derive_seed", "ResumableSampler", "SeededItems", "SamplerPosition", "IterationSeeder"]
 
@@ -57,17 +58,16 @@ class ResumableSampler(DistributedSampler):
         shuffle: shuffle every epoch.
         seed: seed of the order and of the items' transforms; equal on every process.
         drop_last: drop the tail so that every process gets the same count (else pad by repeating).
-        num_replicas: processes (default: the ``torch.distributed`` world size, or 1).
-        rank: this process (default: its ``torch.distributed`` rank, or 0).
+        num_replicas: processes (default: :func:`dagman_components.distributed.world_size`).
+        rank: this process (default: :func:`dagman_components.distributed.rank`).
     """
 
     def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  num_replicas: int | None = None, rank: int | None = None) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
+            num_replicas = distributed.world_size()
         if rank is None:
-            rank = dist.get_rank() if distributed else 0
+            rank = distributed.rank()
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,  # type: ignore[arg-type]
                          drop_last=drop_last)
         self.start_index = 0
