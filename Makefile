@@ -19,11 +19,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# DAGMaN pretraining demo on the real CT shipped in data/ (2 CPU cores: 1 min 31 s of training and 3 min 8 s with the install
-# on the quiet machine; 4 min 35 s and 8 min 7 s with another job running).
-# Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json}, $(BUNDLE)/runs/loss_curves.png (losses and
-# collapse diagnostics) and $(BUNDLE)/runs/probe_auc.png (frozen-teacher probe on the 24 shipped nodule crops);
-# a second run resumes from the checkpoint (make clean-demo starts over).
+# The small-budget DAGMaN recipe (configs/small_cpu.yaml) at demo scale (configs/demo_recipe.yaml): 228 steps on the
+# 158 LIDC nodule crops shipped in the bundle, with the frozen-feature probe and S_ATT's attention metrics on the 24
+# shipped labelled crops of other patients. Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json} and, in
+# $(BUNDLE)/runs/, loss_curves.png (losses against ln K, collapse diagnostics, S_ATT against uniform), probe_auc.png
+# (probe AUC and attention metrics per probe) and attention_overlay.png; a second run resumes from the checkpoint
+# (make clean-demo starts over). Times: README.md.
 demo: $(VENV)/.installed
 	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/small_cpu.yaml','$(BUNDLE)/configs/probe.yaml','$(BUNDLE)/configs/demo_recipe.yaml']" \
 		--bundle_root $(BUNDLE) --logging_file $(BUNDLE)/configs/logging.conf
