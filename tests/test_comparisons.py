@@ -297,8 +297,11 @@ def test_nodule_cache_holds_no_pickled_objects_and_reads_back_equal(tmp_path):
     cache = tmp_path / "cache" / "nodules.pt"
     first = load_nodule_set(DATA / "lidc_nodules_sample", cache)
     stored = torch.load(cache, weights_only=True)  # would refuse numpy arrays or other pickled objects
-    assert set(stored) == {"images", "ids"}
+    assert set(stored) == {"images", "ids", "hu_window"} and stored["hu_window"] == [-175.0, 250.0]
     again = load_nodule_set(DATA / "lidc_nodules_sample", cache)
     assert torch.equal(first.images, again.images) and first.ids == again.ids
+    lung = load_nodule_set(DATA / "lidc_nodules_sample", cache, hu_window="lung")  # another window: not the cache
+    assert lung.hu_window == (-1024.0, 300.0) and not torch.equal(lung.images, first.images)
+    assert torch.equal(first.images_for("lung"), lung.images) and first.images_for("soft_tissue") is first.images
     assert np.array_equal(first.labels, again.labels) and np.array_equal(first.patients, again.patients)
     assert len(first.ids) == 24 and first.images.shape[1:] == (1, 32, 32, 32)
