@@ -7,20 +7,20 @@ Importing the package imports its sub-packages, so a bundle config needs only
 from __future__ import annotations
 
 from dagman_components import (
+    bundle_tools,
     classification,
     clustering,
-    config_checks,
     data,
-    encoder_io,
     engines,
     errors,
+    features,
     handlers,
     losses,
     masking,
     metrics,
     networks,
     optim,
-    schedules,
+    runtime,
     segmentation,
     visualize,
     weights,

@@ -94,14 +94,32 @@ def _is_known(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _FILE_ERRNOS:
         return True
-    if is_state_dict_error(exc) or _is_pickled_objects_refusal(exc):
+    if is_state_dict_error(exc) or is_pickled_objects_refusal(exc):
         return True
     return isinstance(exc, (ValueError, OSError, RuntimeError)) and _raised_by_us(exc)
 
 
-def _is_pickled_objects_refusal(exc: BaseException) -> bool:
-    """``torch.load(weights_only=True)`` refusing a file with pickled objects (e.g. in MONAI's own loaders)."""
+def is_pickled_objects_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``torch.load(weights_only=True)`` refusing a file with pickled objects (ours or MONAI's
+    own loaders)."""
     return "Weights only load failed" in str(exc)
+
+
+def pickled_objects_message(path: str | os.PathLike, what: str = "weights") -> str:
+    """Our words for a file that holds pickled Python objects (torch's own text suggests ``weights_only=False``,
+    which would run code from the file).
+
+    Args:
+        path: the file.
+        what: what the file was read as, opening the message ("weights", "model weights", "the").
+
+    Returns:
+        The message.
+    """
+    return (
+        f"{what} file '{path}' holds pickled Python objects, not only tensors, and will not be loaded: "
+        "unpickling could run code from the file. Save the tensors only (a state_dict) and load that."
+    )
 
 
 def find_known_error(exc: BaseException) -> BaseException | None:
@@ -190,10 +208,8 @@ def _config_context(exc: BaseException, known: BaseException) -> str | None:
 
 def _message(known: BaseException) -> str:
     text = str(known).strip()
-    if _is_pickled_objects_refusal(known):  # torch's text suggests weights_only=False, which would run the file's code
-        from dagman_components.weights import pickled_objects_error
-
-        return str(pickled_objects_error(_loaded_file(known) or "(unknown)", what="the"))
+    if is_pickled_objects_refusal(known):  # torch's text suggests weights_only=False, which would run the file's code
+        return pickled_objects_message(_loaded_file(known) or "(unknown)", what="the")
     if is_state_dict_error(known):
         summary = summarise_state_dict_error(text)
         path = _loaded_file(known)

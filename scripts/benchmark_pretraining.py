@@ -66,7 +66,7 @@ from dagman_components.networks import (  # noqa: E402
     SwinDAGMaN,
     make_teacher,
 )
-from dagman_components.optim import param_groups_weight_decay  # noqa: E402
+from dagman_components.optim.param_groups import param_groups_weight_decay  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from dagman_components.atomic import atomic_write_text
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 logger = logging.getLogger("compare_pretraining")
 
@@ -180,7 +180,7 @@ def pretrain_variant(variant: str, run_dir: Path, args: argparse.Namespace) -> d
     if variant == NO_PRETRAINING:
         from monai.bundle import ConfigParser
 
-        from dagman_components.weights import export_encoder
+        from dagman_components.weights.state_dict import export_encoder
 
         parser = ConfigParser()
         parser.read_config(files)
@@ -216,7 +216,7 @@ def pretrain_variant(variant: str, run_dir: Path, args: argparse.Namespace) -> d
 
 
 def _encoder(run_dir: Path, args: argparse.Namespace) -> torch.nn.Module:
-    from dagman_components.encoder_io import prepare_encoder
+    from dagman_components.weights.encoder_io import prepare_encoder
 
     return prepare_encoder(run_dir / "models" / "model.pt", seed=args.seed).to(args.device)
 

@@ -30,7 +30,7 @@ if importlib.util.find_spec("dagman_components") is None:  # not installed: use 
 
 import torch  # noqa: E402
 
-from dagman_components import deploy  # noqa: E402
+from dagman_components.bundle_tools import deploy  # noqa: E402
 from dagman_components.errors import ConfigValueError  # noqa: E402
 
 

@@ -60,7 +60,7 @@ def view_features(encoder: nn.Module, images: torch.Tensor, seed: int) -> torch.
 
     from dagman_components.classification import nodule_augmentation
     from dagman_components.data.resumable import derive_seed
-    from dagman_components.frozen_features import frozen_features, image_batches
+    from dagman_components.features.frozen_features import frozen_features, image_batches
 
     augment = Compose(nodule_augmentation())
     views = []
@@ -79,7 +79,7 @@ def adamw_head(views: torch.Tensor, y: np.ndarray, train: np.ndarray, val: np.nd
     """The former head training; validation AUC, test-time head per epoch and the training objective."""
     from sklearn.metrics import roc_auc_score
 
-    from dagman_components.schedules import warmup_cosine_schedule
+    from dagman_components.optim.schedules import warmup_cosine_schedule
 
     torch.manual_seed(seed)
     c = views.shape[-1]
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dagman_components.atomic import atomic_write_png, atomic_write_text
     from dagman_components.classification import cv_split
     from dagman_components.classification import encoder_comparison as ec
-    from dagman_components.encoder_io import card_path, prepare_encoder
+    from dagman_components.weights.encoder_io import card_path, prepare_encoder
     from dagman_components.visualize.backend import pyplot
     from dagman_components.probing import fit_logistic_probe
 

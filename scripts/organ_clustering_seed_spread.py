@@ -34,7 +34,7 @@ from dagman_components.clustering import (  # noqa: E402
     normalise_features,
     silhouette,
 )
-from dagman_components.encoder_io import prepare_encoder  # noqa: E402
+from dagman_components.weights.encoder_io import prepare_encoder  # noqa: E402
 
 logger = logging.getLogger("organ_clustering_seed_spread")
 COLUMNS = ("intra", "inter", "inter/intra", "silhouette", "knn", "nmi")

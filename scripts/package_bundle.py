@@ -7,7 +7,7 @@ Usage (from any working directory)::
     python scripts/package_bundle.py bundles/<name> --check-only [--allow-missing-weights]
 
 Prints the problems and exits 1 when the bundle fails the checks (or the zip exists already);
-prints the zip's path on success. See dagman_components/bundle_tools.py and docs/sharing_bundles.md.
+prints the zip's path on success. See dagman_components/bundle_tools/package.py and docs/sharing_bundles.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 if importlib.util.find_spec("dagman_components") is None:  # not installed: use the repository this script is in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dagman_components import bundle_tools  # noqa: E402
+from dagman_components.bundle_tools import package as bundle_tools  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from monai.bundle import ConfigParser
 
 import dagman_components.classification as nc
 from dagman_components.atomic import atomic_write_text
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 logger = logging.getLogger("run_nodule_cv")
 

@@ -222,7 +222,7 @@ def test_read_only_bundle_root(tmp_path):
 def test_disk_full_while_a_checkpoint_is_written(tmp_path, monkeypatch):
     """The write fails half-way with ENOSPC: the previous checkpoint stays byte-identical, no temporary file is
     left, and the error names the file and says what to do."""
-    import dagman_components.weights as weights
+    import dagman_components.weights.state_dict as weights
 
     path = tmp_path / "models" / "checkpoint.pt"
     weights.atomic_save({"teacher": {"w": torch.arange(4.0)}}, path)
@@ -306,8 +306,8 @@ def test_roi_size_not_divisible_by_32(tmp_path, source, configs):
 
 
 def test_model_card_that_contradicts_its_weights(tmp_path):
-    from dagman_components.encoder_io import build_encoder, prepare_encoder
-    from dagman_components.weights import WeightLoadError, export_encoder
+    from dagman_components.weights.encoder_io import build_encoder, prepare_encoder
+    from dagman_components.weights.state_dict import WeightLoadError, export_encoder
 
     bundle = bundle_with_outputs(tmp_path, CLUSTER)
     model = tmp_path / "weights" / "model.pt"

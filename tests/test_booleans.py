@@ -17,7 +17,7 @@ import yaml
 from conftest import DATA, REPO
 from test_pretraining_bundle import TINY as TINY_PRETRAIN
 
-from dagman_components.config_checks import BOOLEAN_SETTINGS, as_bool
+from dagman_components.bundle_tools.config_checks import BOOLEAN_SETTINGS, as_bool
 from dagman_components.errors import ConfigValueError
 
 BUNDLES = REPO / "bundles"

@@ -12,7 +12,7 @@ from conftest import REPO, TINY_ENCODER, imported_script
 from monai.bundle import ConfigParser
 
 from dagman_components.networks import SwinDAGMaN
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 BUNDLES = REPO / "bundles"
 PRETRAINING = "dagman_ct_pretraining"

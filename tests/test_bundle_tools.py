@@ -1,4 +1,4 @@
-"""Tests for dagman_components.bundle_tools and scripts/package_bundle.py, plus checks of the real bundles."""
+"""Tests for dagman_components.bundle_tools.package and scripts/package_bundle.py, plus checks of the real bundles."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dagman_components.bundle_tools import (
+from dagman_components.bundle_tools.package import (
     DEFAULT_SCHEMA_PATH,
     SCHEMA_URL,
     BundleCheckError,
@@ -197,7 +197,7 @@ def test_bad_folder_name_is_a_problem_and_case_a_warning(bundle, tmp_path, caplo
     dashed = bundle.rename(tmp_path / "demo-bundle")
     assert any("folder name may only hold" in p for p in check_bundle(dashed))
     camel = dashed.rename(tmp_path / "demoBundle")
-    with caplog.at_level(logging.WARNING, logger="dagman_components.bundle_tools"):
+    with caplog.at_level(logging.WARNING, logger="dagman_components.bundle_tools.package"):
         assert check_bundle(camel) == []
     assert "lower snake_case" in caplog.text
 
@@ -276,7 +276,7 @@ def test_failure_while_writing_leaves_no_partial_zip(bundle, tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dagman_components.bundle_tools.shutil.copyfileobj", fail)
+    monkeypatch.setattr("dagman_components.bundle_tools.package.shutil.copyfileobj", fail)
     with pytest.raises(OSError, match="disk full"):
         package_bundle(bundle, tmp_path / "dist")
     assert list((tmp_path / "dist").iterdir()) == []
@@ -345,7 +345,7 @@ def test_zip_with_the_wheel_runs_its_inference_where_the_repository_is_absent(tm
     import numpy as np
 
     from dagman_components.networks import SwinDAGMaN
-    from dagman_components.weights import export_encoder
+    from dagman_components.weights.state_dict import export_encoder
 
     tiny = {"embed_dim": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 3, 3, 3], "sa_heads": 4}
     bundle = tmp_path / "dagman_ct_pretraining"

@@ -10,7 +10,7 @@ from monai.transforms import Compose, ScaleIntensityRanged
 from test_bundle_load import NAMES, TINY_CARD, tiny_bundles
 
 from dagman_components.data import HU_WINDOWS, ct_load_and_normalise, resolve_hu_window
-from dagman_components.encoder_io import EncoderSettingError, card_preprocessing
+from dagman_components.weights.encoder_io import EncoderSettingError, card_preprocessing
 from dagman_components.errors import ConfigValueError
 
 LUNG = [-1024.0, 300.0]

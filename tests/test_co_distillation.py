@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 
 from dagman_components.engines import CoDistillationTrainer, MicroBatches, autocast_settings, optimizer_steps_per_epoch
 from dagman_components.handlers import CollapseAlarm, TeacherEMAHandler
-from dagman_components.schedules import teacher_momentum_schedule, teacher_temperature_schedule
+from dagman_components.optim.schedules import teacher_momentum_schedule, teacher_temperature_schedule
 from dagman_components.losses import DAGMaNLoss, attention_diagnostics, distillation_diagnostics, feature_spread
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN, make_teacher

@@ -19,12 +19,12 @@ from dagman_components.metrics.diversity_report import (
     encoder_stage_diversity,
     volume_loader,
 )
-from dagman_components.encoder_io import prepare_encoder
+from dagman_components.weights.encoder_io import prepare_encoder
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
 from dagman_components.visualize.attention_overlay import attention_overlay_figure, attention_volume
 from dagman_components.visualize.heatmap import OUTLINE_COLOUR, plot_attention_slices
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 CONFIGS = REPO / "bundles" / "dagman_ct_pretraining" / "configs"
 CT = str(DATA / "totalseg_example" / "example_ct_sm.nii.gz")

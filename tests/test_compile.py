@@ -9,7 +9,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from dagman_components.compilation import CompiledForward, compile_network
+from dagman_components.runtime.compilation import CompiledForward, compile_network
 from dagman_components.engines import CoDistillationTrainer
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout
@@ -46,9 +46,9 @@ def test_a_failing_compilation_logs_one_line_and_runs_eagerly(caplog):
     eager = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU())
     net = compile_network(copy.deepcopy(eager), backend=broken_backend)
     x = torch.rand(2, 4)
-    with caplog.at_level(logging.WARNING, logger="dagman_components.compilation"):
+    with caplog.at_level(logging.WARNING, logger="dagman_components.runtime.compilation"):
         first, second = net(x), net(x)
-    records = [r for r in caplog.records if r.name == "dagman_components.compilation"]
+    records = [r for r in caplog.records if r.name == "dagman_components.runtime.compilation"]
     assert len(records) == 1 and "\n" not in records[0].getMessage()
     assert "torch.compile of Sequential failed, running eagerly" in records[0].getMessage()
     assert "no C++ compiler" in records[0].getMessage()

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.probing import paired_auc_difference
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "lidc_nodules_sample"

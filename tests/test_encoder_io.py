@@ -1,4 +1,4 @@
-"""Encoder I/O (dagman_components.encoder_io): settings from the model card, build by class, one load policy,
+"""Encoder I/O (dagman_components.weights.encoder_io): settings from the model card, build by class, one load policy,
 one spelling of random, and the downstream configs that use it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from dagman_components.encoder_io import (
+from dagman_components.weights.encoder_io import (
     EncoderOutput,
     EncoderSettingError,
     build_encoder,
@@ -27,7 +27,7 @@ from dagman_components.encoder_io import (
 from dagman_components.handlers import TrainedModelCard
 from dagman_components.networks import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
-from dagman_components.weights import WeightLoadError, export_encoder, sha256_of
+from dagman_components.weights.state_dict import WeightLoadError, export_encoder, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -91,7 +91,7 @@ def test_settings_come_from_the_card_and_a_contradiction_fails_in_one_line(demo_
 
 
 def test_one_spelling_of_random(caplog):
-    with caplog.at_level(logging.WARNING, logger="dagman_components.encoder_io"):
+    with caplog.at_level(logging.WARNING, logger="dagman_components.weights.encoder_io"):
         assert weights_or_random(None, "pretrained_path") is None
         assert weights_or_random("null", "pretrained_path") is None
     assert "RANDOM" in caplog.text
@@ -214,7 +214,7 @@ def test_inference_without_weights_names_the_training_command(tmp_path, bundle, 
 def test_with_encoder_weights_loads_every_tensor_as_the_network_is_built(demo_weights, caplog):
     """The one name configs use: the weights are in the returned network (nested under a prefix here), null
     gives the random network back with a warning, and a missing file names the config key."""
-    from dagman_components.encoder_io import with_encoder_weights
+    from dagman_components.weights.encoder_io import with_encoder_weights
 
     class Holder(torch.nn.Module):
         def __init__(self):
@@ -228,7 +228,7 @@ def test_with_encoder_weights_loads_every_tensor_as_the_network_is_built(demo_we
     assert all(torch.equal(net.encoder.state_dict()[k], v) for k, v in shipped.items())
     random_net = Holder()
     before = {k: v.clone() for k, v in random_net.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="dagman_components.encoder_io"):
+    with caplog.at_level(logging.WARNING, logger="dagman_components.weights.encoder_io"):
         assert with_encoder_weights(random_net, "null", key="pretrained_path", key_prefix="encoder.") is random_net
     assert all(torch.equal(random_net.state_dict()[k], v) for k, v in before.items())
     assert "pretrained_path is null" in caplog.text
@@ -237,7 +237,7 @@ def test_with_encoder_weights_loads_every_tensor_as_the_network_is_built(demo_we
 
 
 def test_encoder_weights_folder_prefers_the_bundles_own_weights(tmp_path):
-    from dagman_components.encoder_io import encoder_weights_folder
+    from dagman_components.weights.encoder_io import encoder_weights_folder
 
     bundle = tmp_path / "dagman_organ_ct_clustering"
     (bundle / "models").mkdir(parents=True)

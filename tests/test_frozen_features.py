@@ -11,7 +11,7 @@ from monai.transforms import Compose, RandFlipd
 
 import dagman_components.classification as nc
 from dagman_components.data import derive_seed
-from dagman_components.frozen_features import FrozenFeatureDataset, frozen_features, image_batches
+from dagman_components.features.frozen_features import FrozenFeatureDataset, frozen_features, image_batches
 from dagman_components.networks import SwinDAGMaN
 
 TINY = {"embed_dim": 12, "depths": (2, 2, 2, 2), "num_heads": (3, 3, 3, 3), "sa_heads": 4}

@@ -8,7 +8,7 @@ from conftest import TINY_ENCODER
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
-from dagman_components.encoder_io import build_encoder, trained_model_card
+from dagman_components.weights.encoder_io import build_encoder, trained_model_card
 from dagman_components.networks import FusedWindowAttention, SwinDAGMaN, cls_attention, fuse_window_attention
 
 
@@ -112,7 +112,7 @@ def test_fine_tuning_configs_pass_the_speed_options(bundle, overrides):
     from conftest import REPO
     from monai.bundle import ConfigParser
 
-    from dagman_components.compilation import CompiledForward
+    from dagman_components.runtime.compilation import CompiledForward
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.yaml"))

@@ -7,7 +7,7 @@ from conftest import REPO
 from monai.bundle import ConfigWorkflow
 from monai.bundle.properties import TrainProperties
 
-from dagman_components.distributed import HandlerGroup
+from dagman_components.runtime.distributed import HandlerGroup
 
 CONFIGS = REPO / "bundles" / "dagman_ct_pretraining" / "configs"
 

@@ -27,7 +27,7 @@ from monai.networks.nets import SwinUNETR
 
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.segmentation import build_segmentation_datalist
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "dagman_lung_tumor_ct_segmentation"

@@ -45,7 +45,7 @@ from monai.networks.nets import SwinUNETR
 
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.segmentation import init_swin_unetr
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "dagman_lung_tumor_ct_segmentation"

@@ -22,9 +22,9 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 import dagman_components.classification as nc
-from dagman_components.encoder_io import EncoderSettingError, with_encoder_weights
+from dagman_components.weights.encoder_io import EncoderSettingError, with_encoder_weights
 from dagman_components.networks import ENCODER_DEFAULTS, DAGMaNPretrainNetwork, SwinDAGMaN
-from dagman_components.weights import WeightLoadError, sha256_of
+from dagman_components.weights.state_dict import WeightLoadError, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "lidc_nodules_sample"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-from dagman_components import deploy
+from dagman_components.bundle_tools import deploy
 from dagman_components.errors import ConfigValueError
 
 BUNDLES = REPO / "bundles"

@@ -34,8 +34,8 @@ from dagman_components.clustering import (
     save_organ_npz,
     silhouette,
 )
-from dagman_components.encoder_io import EncoderSettingError, build_encoder, prepare_encoder
-from dagman_components.weights import export_encoder
+from dagman_components.weights.encoder_io import EncoderSettingError, build_encoder, prepare_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 BUNDLE = REPO / "bundles" / "dagman_organ_ct_clustering"
 SAMPLE = BUNDLE / "sample_data" / "organ_crops_totalseg_28.npz"

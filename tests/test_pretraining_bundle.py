@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-import dagman_components.schedules
+import dagman_components.optim.schedules
 
 BUNDLE = REPO / "bundles" / "dagman_ct_pretraining"
 TINY = """
@@ -77,8 +77,8 @@ def test_run_writes_checkpoint_weights_logs_and_plot(trained):
     assert ck["trainer"]["iteration"] == 4  # 2 volumes, batch 1, 2 epochs
     assert ck["loss"]["cls_ce.center"].abs().sum() > 0  # centres were updated
     card = json.loads((trained / "models" / "model_card.json").read_text())
-    from dagman_components.encoder_io import build_encoder
-    from dagman_components.weights import load_pretrained_encoder, sha256_of
+    from dagman_components.weights.encoder_io import build_encoder
+    from dagman_components.weights.state_dict import load_pretrained_encoder, sha256_of
 
     assert card["sha256"] == sha256_of(trained / "models" / "model.pt")
     assert card["network"]["embed_dim"] == 12 and card["iterations_trained"] == 4
@@ -154,7 +154,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     assert all(torch.equal(loss[k], saved["loss"][k]) for k in saved["loss"])
     opt = parser.get_parsed_content("optimizer").state_dict()
     assert opt["state"][0]["step"] == saved["optimizer"]["state"][0]["step"] == it
-    lr = dagman_components.schedules.value_at(parser.get_parsed_content("schedules#lr"), it)
+    lr = dagman_components.optim.schedules.value_at(parser.get_parsed_content("schedules#lr"), it)
     assert saved["optimizer"]["param_groups"][0]["lr"] == lr  # the lr of the last step taken, from the schedule
 
     result = run(cmd)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import REPO, TINY_ENCODER
 
-from dagman_components.extraction import CASES_FILE, FEATURES_FILE, case_names
+from dagman_components.features.extraction import CASES_FILE, FEATURES_FILE, case_names
 from dagman_components.networks import EncoderEmbedding, SwinDAGMaN
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 BUNDLE = REPO / "bundles" / "dagman_ct_pretraining"
 CARD = {"network": {"class": "dagman_components.networks.SwinDAGMaN", "in_channels": 1, "window_size": 4,
@@ -86,7 +86,7 @@ def test_inference_writes_features_and_attention_on_the_input_grid(tmp_path):
         grid = [int(g) for g in row["sa_grid"].split("x")]
         assert 1 < len(np.unique(values)) <= np.prod(grid) + 1  # one value per SA cell (+ 0 outside)
     # the [CLS] of case 0 equals the encoder's on the same preprocessing (pretrained weights were loaded)
-    from dagman_components.extraction import extraction_preprocessing
+    from dagman_components.features.extraction import extraction_preprocessing
 
     item = extraction_preprocessing(CARD["preprocessing"]["spacing_mm"])({"image": str(images[0])})
     assert "x".join(map(str, item["image"].shape[1:])) == rows[0]["encoded_shape"]  # the card's 4 mm spacing

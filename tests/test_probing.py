@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 import dagman_components.classification as nc
 from dagman_components.engines import LinearProbeTrainer
 from dagman_components.networks import SwinDAGMaN
-from dagman_components.optim import swin_dagman_layer_ids
+from dagman_components.optim.param_groups import swin_dagman_layer_ids
 from dagman_components.probing import fit_logistic_probe, probe_scores, select_logistic_probe
 
 

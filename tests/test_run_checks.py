@@ -133,7 +133,7 @@ def test_every_bundle_loads_data_with_workers_capped_by_the_cpus(bundle):
 
 
 def test_progress_shows_count_and_eta_and_can_be_switched_off(capsys, monkeypatch):
-    from dagman_components.progress import progress
+    from dagman_components.runtime.progress import progress
 
     assert list(progress(range(3), "cases", unit="case")) == [0, 1, 2]
     err = capsys.readouterr().err
@@ -146,7 +146,7 @@ def test_progress_shows_count_and_eta_and_can_be_switched_off(capsys, monkeypatc
 def test_packaging_shows_progress(tmp_path, capsys):
     from conftest import REPO
 
-    from dagman_components.bundle_tools import package_bundle
+    from dagman_components.bundle_tools.package import package_bundle
 
     zip_path = package_bundle(REPO / "bundles" / "dagman_organ_ct_clustering", tmp_path, require_weights=False)
     assert zip_path.is_file()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.handlers import ema_update
-from dagman_components.schedules import (
+from dagman_components.optim.schedules import (
     WarmupCosineFactor,
     cosine_schedule,
     ema_momentum,

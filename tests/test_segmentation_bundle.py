@@ -23,7 +23,7 @@ import yaml
 from monai.networks.nets import SwinUNETR
 
 from dagman_components.data import DataSourceError
-from dagman_components.encoder_io import EncoderSettingError, encoder_settings
+from dagman_components.weights.encoder_io import EncoderSettingError, encoder_settings
 from dagman_components.networks import SwinDAGMaN
 from dagman_components.segmentation import (
     SegmentationPostprocessd,
@@ -36,7 +36,7 @@ from dagman_components.segmentation import (
     validate_image_label_pairs,
     write_datalist,
 )
-from dagman_components.weights import WeightLoadError, export_encoder, sha256_of
+from dagman_components.weights.state_dict import WeightLoadError, export_encoder, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "dagman_lung_tumor_ct_segmentation"
@@ -88,7 +88,7 @@ def test_encoder_weights_transferred_tensor_by_tensor(tmp_path):
 def test_null_path_keeps_random_init_and_says_so_other_spellings_are_refused(caplog):
     net = _tiny_unetr()
     before = copy.deepcopy(net.state_dict())
-    with caplog.at_level(logging.WARNING, logger="dagman_components.encoder_io"):
+    with caplog.at_level(logging.WARNING, logger="dagman_components.weights.encoder_io"):
         assert init_swin_unetr(net, None) is net
     assert "pretrained_encoder is null" in caplog.text and "RANDOM" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -415,7 +415,7 @@ def test_best_model_saver_lower_is_better_and_missing_metric(tmp_path):
 def test_rank_zero_policy_keeps_non_logging_handlers_on_every_rank(monkeypatch):
     from monai.handlers import StatsHandler
 
-    from dagman_components.distributed import HandlerGroup
+    from dagman_components.runtime.distributed import HandlerGroup
     from dagman_components.segmentation import logging_handler_types
 
     stats, other = StatsHandler(), object()

@@ -124,7 +124,7 @@ def test_classification_train_and_evaluate_log_metrics_params_and_artifacts(tmp_
 def test_segmentation_train_and_evaluate_log_metrics_params_and_artifacts(tmp_path):
     from dagman_components.networks import SwinDAGMaN
     from dagman_components.segmentation import build_segmentation_datalist, write_datalist
-    from dagman_components.weights import export_encoder
+    from dagman_components.weights.state_dict import export_encoder
 
     bundle = tmp_path / "dagman_lung_tumor_ct_segmentation"
     shutil.copytree(BUNDLES / bundle.name / "configs", bundle / "configs")

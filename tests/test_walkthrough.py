@@ -16,7 +16,7 @@ written into the repository. The steps, in order, each asserting the outputs its
    several minutes on 2 cores; one epoch with its validation still writes ``models/model.pt``).
 4. Organ clustering (``bundles/dagman_organ_ct_clustering/docs/README.md``): ``inference.yaml`` as written.
 5. ``scripts/package_bundle.py`` on the pretraining bundle; the zip is unzipped into an empty folder and
-   ``dagman_components.encoder_io.prepare_encoder`` builds and loads the unzipped ``models/model.pt``.
+   ``dagman_components.weights.encoder_io.prepare_encoder`` builds and loads the unzipped ``models/model.pt``.
 6. The unzipped bundle runs where it is, with no repository beside it: its ``inference.yaml`` on its own
    sample CT (features and S_ATT maps), then the demo's command (``--max_epochs 1``) on its own
    ``sample_data/``.
@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from dagman_components.encoder_io import prepare_encoder
+from dagman_components.weights.encoder_io import prepare_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = "bundles/dagman_ct_pretraining"

@@ -10,9 +10,9 @@ import torch.nn as nn
 from conftest import TINY_ENCODER
 from monai.networks.nets import SwinUNETR
 
-from dagman_components.encoder_io import build_encoder
+from dagman_components.weights.encoder_io import build_encoder
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
-from dagman_components.weights import WeightLoadError, atomic_save, export_encoder, load_pretrained_encoder, sha256_of
+from dagman_components.weights.state_dict import WeightLoadError, atomic_save, export_encoder, load_pretrained_encoder, sha256_of
 
 
 @pytest.fixture(scope="module")

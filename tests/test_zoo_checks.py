@@ -24,7 +24,7 @@ from conftest import REPO
 from monai.bundle import ConfigParser
 from test_bundle_load import NAMES, tiny_bundles
 
-from dagman_components.zoo_checks import CHECKS, run_zoo_checks, zoo_inference_config
+from dagman_components.bundle_tools.zoo_checks import CHECKS, run_zoo_checks, zoo_inference_config
 
 SCHEMA = REPO / "schemas" / "meta_schema_20240725.json"
 ZOO_CARD = {"network": {"class": "dagman_components.networks.SwinDAGMaN", "in_channels": 1, "embed_dim": 24,
@@ -81,7 +81,7 @@ def test_checks_fail_where_the_zoo_would(zoo, tmp_path):
     config = zoo_inference_config(bundle)
     text = config.read_text().replace("_target_: dagman_components.networks.EncoderEmbedding",
                                       "_target_: dagman_components.networks.EncoderEmbedding\n  _mode_: default")
-    network = "network: \"$dagman_components.encoder_io.with_encoder_weights(@network_def"
+    network = "network: \"$dagman_components.weights.encoder_io.with_encoder_weights(@network_def"
     assert network in text
     config.write_text(text.replace("network_def:\n", "network_def_wrapped:\n").replace(
         network, "network_def: '$@network_def_wrapped.encoder'\n" + network))

@@ -36,8 +36,8 @@ from dagman_components.classification.splits import cv_split
 from dagman_components.classification.table import read_nodule_table
 from dagman_components.classification.transforms import nodule_preprocessing
 from dagman_components.data import HU_WINDOW, resolve_hu_window
-from dagman_components.encoder_io import card_path, card_preprocessing, prepare_encoder
-from dagman_components.frozen_features import frozen_features, image_batches
+from dagman_components.weights.encoder_io import card_path, card_preprocessing, prepare_encoder
+from dagman_components.features.frozen_features import frozen_features, image_batches
 from dagman_components.probing import DEFAULT_C, fit_logistic_probe, knn_scores, paired_auc_difference
 
 __all__ = ["EncoderSpec", "parse_encoder_spec", "NoduleSet", "load_nodule_set", "EncoderComparison", "PROTOCOLS",

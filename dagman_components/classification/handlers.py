@@ -39,9 +39,9 @@ from dagman_components.classification.plots import (
     plot_attention_montage,
     plot_roc_curves,
 )
-from dagman_components.distributed import is_main_process
+from dagman_components.runtime.distributed import is_main_process
 from dagman_components.networks import unwrap
-from dagman_components.weights import sha256_of
+from dagman_components.weights.state_dict import sha256_of
 
 __all__ = [
     "ScoreCollector",

@@ -3,7 +3,7 @@
 """Nodule classifier: the Swin-DAGMaN encoder plus one linear head, for linear probing or fine-tuning.
 
 The encoder is held as ``encoder`` so that DAGMaN weights load with key prefix ``encoder.`` (see
-:func:`dagman_components.encoder_io.with_encoder_weights`); the bundle builds it with :func:`dagman_components.encoder_io.build_encoder`
+:func:`dagman_components.weights.encoder_io.with_encoder_weights`); the bundle builds it with :func:`dagman_components.weights.encoder_io.build_encoder`
 from the weights' model card.
 The head reads the [CLS] token of the semantic-attention block (width ``embed_dim * 2**sa_stage``)
 or the average-pooled last Swin stage (``embed_dim * 16``).
@@ -20,8 +20,8 @@ from monai.utils import StrEnum, look_up_option
 
 from dagman_components.networks import SwinDAGMaN, unwrap
 from dagman_components.networks.attention_map import attention_to_voxels
-from dagman_components.optim import layer_decay_param_groups, param_groups_weight_decay, swin_dagman_layer_ids
-from dagman_components.encoder_io import EncoderOutput
+from dagman_components.optim.param_groups import layer_decay_param_groups, param_groups_weight_decay, swin_dagman_layer_ids
+from dagman_components.weights.encoder_io import EncoderOutput
 
 __all__ = ["ClassifierMode", "HeadToken", "NoduleClassifier", "classifier_param_groups"]
 
@@ -123,10 +123,10 @@ class NoduleClassifier(nn.Module):
 def classifier_param_groups(network: nn.Module, lr: float, weight_decay: float = 0.05,
                             encoder_lr_factor: float = 1.0, layer_decay: float | None = None) -> list[dict]:
     """Optimizer groups: head and encoder, each split into decayed / not decayed parameters
-    (:func:`~dagman_components.optim.param_groups_weight_decay`). The encoder trains at
+    (:func:`~dagman_components.optim.param_groups.param_groups_weight_decay`). The encoder trains at
     ``lr * encoder_lr_factor``, and with ``layer_decay`` each of its layers at that rate times
     ``layer_decay ** (depth of the head - depth of the layer)``
-    (:func:`~dagman_components.optim.layer_decay_param_groups`; BEiT / MAE use 0.65-0.75). A head on
+    (:func:`~dagman_components.optim.param_groups.layer_decay_param_groups`; BEiT / MAE use 0.65-0.75). A head on
     the [CLS] token sits one layer above the semantic-attention block. Frozen parameters (linear
     probing) and empty groups are left out.
 

@@ -24,7 +24,7 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer, Trainer
 
 from dagman_components.engines import LinearProbeTrainer
-from dagman_components.frozen_features import FrozenFeatureDataset
+from dagman_components.features.frozen_features import FrozenFeatureDataset
 from dagman_components.networks import unwrap
 from dagman_components.probing import DEFAULT_C, fit_logistic_probe
 
@@ -43,7 +43,7 @@ def classifier_trainer(mode: str, device: torch.device, network: nn.Module, trai
         network: what trains: the classifier's head in ``linear_probe`` mode, the whole
             :class:`~dagman_components.classification.NoduleClassifier` in ``finetune`` mode.
         train_items: the training items; in ``linear_probe`` mode the cached features
-            (:class:`~dagman_components.frozen_features.FrozenFeatureDataset`).
+            (:class:`~dagman_components.features.frozen_features.FrozenFeatureDataset`).
         probe_Cs: the linear probe's inverse L2 strengths, one per epoch (``linear_probe``).
         num_classes: classes.
         train_handlers: the trainer's handlers.

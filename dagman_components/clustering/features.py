@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Features of labelled 3D crops from a frozen Swin-DAGMaN encoder (pretrained or random).
 
-The encoder comes from :func:`dagman_components.encoder_io.prepare_encoder`: built from the
+The encoder comes from :func:`dagman_components.weights.encoder_io.prepare_encoder`: built from the
 pretraining bundle's ``model_card.json`` (so its settings match the weights), filled from
 ``model.pt`` or, with ``model_path: null``, left at its seeded random initialisation (same card,
 like-for-like comparison), and frozen (``eval()``, no gradients). One crop's feature is
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from monai.utils import StrEnum, look_up_option
 
 from dagman_components.data import check_roi_size
-from dagman_components.encoder_io import EncoderOutput
-from dagman_components.frozen_features import frozen_features
-from dagman_components.progress import progress, progress_enabled
+from dagman_components.weights.encoder_io import EncoderOutput
+from dagman_components.features.frozen_features import frozen_features
+from dagman_components.runtime.progress import progress, progress_enabled
 
 __all__ = ["FeatureToken", "OrganFeatureExtractor", "VOXEL_GRID"]
 
@@ -60,7 +60,7 @@ class OrganFeatureExtractor:
 
     Example:
         >>> extract = OrganFeatureExtractor("global", roi_size=32)
-        >>> from dagman_components.encoder_io import prepare_encoder
+        >>> from dagman_components.weights.encoder_io import prepare_encoder
         >>> feats = extract(prepare_encoder(None, embed_dim=12, num_heads=(3, 3, 3, 3)),
         ...                 np.zeros((2, 28, 28, 28), np.uint8))
         >>> feats.shape

@@ -35,7 +35,7 @@ from dagman_components.clustering.metrics import (
 from dagman_components.clustering.organ_npz import OrganCropSet
 from dagman_components.clustering.writers import write_csv, write_json
 from dagman_components.data.transforms import HU_WINDOW, resolve_hu_window
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 __all__ = ["ClusteringResult", "OrganClustering", "OUTPUT_FILES"]
 
@@ -82,7 +82,7 @@ class OrganClustering:
 
     Args:
         dataset: the crops (:func:`~dagman_components.clustering.load_organ_npz`).
-        encoder: the frozen encoder (:func:`~dagman_components.encoder_io.prepare_encoder`);
+        encoder: the frozen encoder (:func:`~dagman_components.weights.encoder_io.prepare_encoder`);
             unused with the ``voxels`` token.
         extractor: an :class:`OrganFeatureExtractor` (token, ROI, batch size, device).
         output_dir: where the files of :data:`OUTPUT_FILES` go.

@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from dagman_components import distributed
+from dagman_components.runtime import distributed
 
 __all__ = ["derive_seed", "ResumableSampler", "SeededItems", "SamplerPosition", "IterationSeeder"]
 
@@ -58,8 +58,8 @@ class ResumableSampler(DistributedSampler):
         shuffle: shuffle every epoch.
         seed: seed of the order and of the items' transforms; equal on every process.
         drop_last: drop the tail so that every process gets the same count (else pad by repeating).
-        num_replicas: processes (default: :func:`dagman_components.distributed.world_size`).
-        rank: this process (default: :func:`dagman_components.distributed.rank`).
+        num_replicas: processes (default: :func:`dagman_components.runtime.distributed.world_size`).
+        rank: this process (default: :func:`dagman_components.runtime.distributed.rank`).
     """
 
     def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, drop_last: bool = False,

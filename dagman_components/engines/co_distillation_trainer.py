@@ -14,14 +14,14 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
-from dagman_components.compilation import compile_network
+from dagman_components.runtime.compilation import compile_network
 from dagman_components.data.resumable import derive_seed
 from dagman_components.errors import DagmanError
 from dagman_components.losses import DAGMaNLoss
 from dagman_components.masking import AttentionGuidedMasking, PatchDropout, upsample_mask
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.schedules import value_at
+from dagman_components.optim.schedules import value_at
 
 __all__ = ["CoDistillationTrainer", "NonFiniteLossError", "MicroBatches", "optimizer_steps_per_epoch", "autocast_settings", "cpu_has_native_bf16"]
 
@@ -161,7 +161,7 @@ class CoDistillationTrainer(Trainer):
     batch of k*b, and every schedule (lr, teacher momentum and temperature, last-layer freezing,
     checkpoint interval) counts optimizer steps, because each is indexed by
     ``engine.state.iteration``. The schedules are precomputed arrays
-    (:mod:`dagman_components.schedules`) given to the objects that use them: the teacher temperature
+    (:mod:`dagman_components.optim.schedules`) given to the objects that use them: the teacher temperature
     to this trainer, the momentum to the EMA handler (and to this trainer, which logs it), the
     learning rate and weight decay to :class:`~dagman_components.handlers.OptimizerSchedule`.
 
@@ -185,9 +185,9 @@ class CoDistillationTrainer(Trainer):
         patch_dropout: the teacher's patch dropout (rate 0 disables the noisy teacher).
         view_keys: batch keys of the two views.
         teacher_temp: teacher temperature per optimizer step
-            (:func:`~dagman_components.schedules.teacher_temperature_schedule`); one value: constant.
+            (:func:`~dagman_components.optim.schedules.teacher_temperature_schedule`); one value: constant.
         teacher_momentum: the EMA momentum per optimizer step that the teacher's EMA handler applies
-            (:func:`~dagman_components.schedules.teacher_momentum_schedule`), logged; ``None``: logged as NaN.
+            (:func:`~dagman_components.optim.schedules.teacher_momentum_schedule`), logged; ``None``: logged as NaN.
         clip_grad: max gradient norm, ``None`` or 0 for no clipping.
         freeze_last_layer_iterations: optimizer steps during which the prototype layers do not learn.
         clean_teacher_attention: take S_ATT from an extra clean teacher pass instead of the noisy one.
@@ -207,7 +207,7 @@ class CoDistillationTrainer(Trainer):
             checkpoint draws what the uninterrupted run drew; the seed is saved with the trainer's
             state and a resume with another seed is refused. ``None``: leave the generators as they are.
         compile: compile the student's and the teacher's forward with ``torch.compile``
-            (:func:`~dagman_components.compilation.compile_network`: state-dict keys unchanged, one
+            (:func:`~dagman_components.runtime.compilation.compile_network`: state-dict keys unchanged, one
             warning line and eager execution where compilation fails). The first step of each pass
             pays the compilation.
 
@@ -249,7 +249,7 @@ class CoDistillationTrainer(Trainer):
             teacher_temp = (float(teacher_temp),)
         if len(teacher_temp) == 0 or min(teacher_temp) <= 0:
             raise ValueError("teacher_temp needs one positive temperature per optimizer step "
-                             "(dagman_components.schedules.teacher_temperature_schedule).")
+                             "(dagman_components.optim.schedules.teacher_temperature_schedule).")
         device = torch.device(device)
         use_amp, self.amp_dtype = autocast_settings(device, amp, amp_dtype)
         self.teacher_amp = use_amp or autocast_settings(device, teacher_amp, amp_dtype)[0]

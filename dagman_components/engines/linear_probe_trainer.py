@@ -35,7 +35,7 @@ class LinearProbeTrainer(Trainer):
     Args:
         device: the engine's device (the fit itself runs on the CPU in float64).
         features: a dataset whose items hold the feature under ``image_key`` and the class under
-            ``label_key`` (:class:`~dagman_components.frozen_features.FrozenFeatureDataset`); read
+            ``label_key`` (:class:`~dagman_components.features.frozen_features.FrozenFeatureDataset`); read
             whole, as one batch, every epoch.
         head: the head the probe is written into.
         Cs: inverse L2 strengths, one per epoch (strong to weak: the validation's ties keep the

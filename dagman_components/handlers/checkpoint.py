@@ -20,12 +20,12 @@ from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
 
 from dagman_components.atomic import atomic_save, atomic_write_text
-from dagman_components.distributed import is_main_process
-from dagman_components.encoder_io import card_path, trained_model_card
+from dagman_components.runtime.distributed import is_main_process
+from dagman_components.weights.encoder_io import card_path, trained_model_card
 from dagman_components.errors import DagmanError
 from dagman_components.errors import is_state_dict_error, summarise_state_dict_error
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import (
+from dagman_components.weights.state_dict import (
     export_encoder,
     is_pickled_objects_refusal,
     load_weights_only,
@@ -200,12 +200,12 @@ class TrainedModelCard:
     """The ``model_card.json`` written beside a downstream bundle's best model by
     :class:`BestMetricSaver` (one of its ``companions``): the encoder settings the model was built with,
     so that its inference config builds the same network without the pretraining bundle beside it
-    (:func:`~dagman_components.encoder_io.trained_model_card`, made once per run), the model file's name
+    (:func:`~dagman_components.weights.encoder_io.trained_model_card`, made once per run), the model file's name
     and sha256, and the validation value that chose it.
 
     Args:
-        model_path: the model file (the card is :func:`~dagman_components.encoder_io.card_path` of it).
-        encoder: the encoder settings (:func:`~dagman_components.encoder_io.encoder_settings`).
+        model_path: the model file (the card is :func:`~dagman_components.weights.encoder_io.card_path` of it).
+        encoder: the encoder settings (:func:`~dagman_components.weights.encoder_io.encoder_settings`).
         source_weights: the encoder weights training started from (``None`` or ``"null"``: random).
         recorded: further sections (the model's class and task settings, preprocessing).
     """
@@ -229,7 +229,7 @@ class TrainedModelCard:
 
 class ResumeFromCheckpoint:
     """When ``load_path`` exists at the start of training, restore every object of ``load_dict`` from
-    it (:func:`~dagman_components.weights.load_weights_only`, then Ignite's ``Checkpoint.load_objects``),
+    it (:func:`~dagman_components.weights.state_dict.load_weights_only`, then Ignite's ``Checkpoint.load_objects``),
     including the trainer's epoch, iteration and state keys (the pretraining seed), so that the same
     command continues where a killed run stopped, mid-epoch too.
     Otherwise log that training starts from scratch.
@@ -377,7 +377,7 @@ class EncoderExporter:
 
 class WeightsOnlyCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (``torch.load(weights_only=True)``) whose refusal of a file with
-    pickled Python objects says so in our words (:func:`~dagman_components.weights.pickled_objects_error`)
+    pickled Python objects says so in our words (:func:`~dagman_components.weights.state_dict.pickled_objects_error`)
     instead of torch's text, which suggests ``weights_only=False``. Same arguments as MONAI's."""
 
     def __call__(self, engine: Engine) -> None:

@@ -24,7 +24,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from dagman_components.atomic import atomic_write_png, atomic_write_text
-from dagman_components.distributed import is_main_process
+from dagman_components.runtime.distributed import is_main_process
 from dagman_components.visualize.backend import pyplot
 
 __all__ = ["CurveHistory", "CurveWriter", "EpochCurveWriter"]

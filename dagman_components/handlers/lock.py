@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
-from dagman_components.distributed import rank
+from dagman_components.runtime.distributed import rank
 from dagman_components.errors import DagmanError
 
 __all__ = ["TrainingLock", "TrainingLockedError"]

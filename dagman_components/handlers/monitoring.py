@@ -12,7 +12,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from dagman_components.distributed import is_main_process
+from dagman_components.runtime.distributed import is_main_process
 from dagman_components.handlers.curves import CurveWriter
 from dagman_components.visualize.backend import pyplot
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES

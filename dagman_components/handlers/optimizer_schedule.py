@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ignite.engine import Engine, Events
 from torch.optim import Optimizer
 
-from dagman_components.schedules import value_at
+from dagman_components.optim.schedules import value_at
 
 __all__ = ["OptimizerSchedule"]
 
@@ -15,7 +15,7 @@ __all__ = ["OptimizerSchedule"]
 class OptimizerSchedule:
     """Before each optimizer step (``ITERATION_STARTED``), set the learning rate and weight decay of
     ``optimizer``'s parameter groups from schedules precomputed per optimizer step
-    (:mod:`dagman_components.schedules`), DINO style.
+    (:mod:`dagman_components.optim.schedules`), DINO style.
 
     The values are functions of ``engine.state.iteration`` only, so a resumed run continues on the same
     curves and nothing needs saving. A group whose learning rate differs from the first group's when

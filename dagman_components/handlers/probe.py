@@ -34,8 +34,8 @@ from dagman_components.data.splits import few_shot_subset, grouped_stratified_fo
 from dagman_components.data.nodule_table import NoduleTableError, read_nodule_table
 from dagman_components.data.nodule_transforms import NODULE_ROI, NODULE_SPACING, nodule_preprocessing
 from dagman_components.data import HU_WINDOW
-from dagman_components.distributed import is_main_process
-from dagman_components.frozen_features import frozen_features, image_batches, module_device
+from dagman_components.runtime.distributed import is_main_process
+from dagman_components.features.frozen_features import frozen_features, image_batches, module_device
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.probing import CLASSIFIERS, DEFAULT_C, ProbeScores, probe_auc, probe_scores
 from dagman_components.handlers.curves import CurveHistory, CurveWriter

@@ -9,7 +9,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.schedules import value_at
+from dagman_components.optim.schedules import value_at
 
 __all__ = ["TeacherEMAHandler", "ema_update"]
 
@@ -41,7 +41,7 @@ class TeacherEMAHandler:
     """Update the teacher after every optimizer step with the momentum of that step.
 
     ``momentum`` is precomputed per optimizer step
-    (:func:`~dagman_components.schedules.teacher_momentum_schedule`, DINO's cosine); the value of the
+    (:func:`~dagman_components.optim.schedules.teacher_momentum_schedule`, DINO's cosine); the value of the
     engine's 1-based iteration is used, so a resumed run continues the same schedule. The trainer is
     given the same array to log it.
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dagman_components.config_checks import as_bool
+from dagman_components.bundle_tools.config_checks import as_bool
 
 __all__ = ["configure_tracking", "tracked_scalars"]
 

@@ -1,7 +1,7 @@
 """Attention-head diversity report of a pretrained encoder on a set of CT volumes (the paper's Figure 4).
 
 The encoder is built from the ``model_card.json`` written beside ``model.pt`` by the pretraining
-bundle and filled with those weights (:func:`dagman_components.encoder_io.prepare_encoder`), put
+bundle and filled with those weights (:func:`dagman_components.weights.encoder_io.prepare_encoder`), put
 in ``eval`` mode and run on each volume once, with no mask and no patch dropout. Every Swin block's window attention is recorded
 (:class:`~dagman_components.metrics.SwinAttentionRecorder`) and summarised per stage and volume by
 :func:`~dagman_components.metrics.stage_diversity`. The report gives, per stage, the mean and the
@@ -37,13 +37,13 @@ from dagman_components.data import (
     check_roi_size,
     ct_load_and_normalise,
 )
-from dagman_components.encoder_io import card_preprocessing, prepare_encoder, read_model_card
+from dagman_components.weights.encoder_io import card_preprocessing, prepare_encoder, read_model_card
 from dagman_components.metrics.attention_diversity import (
     SwinAttentionRecorder,
     attention_distance,
     stage_diversity,
 )
-from dagman_components.progress import progress as show_progress
+from dagman_components.runtime.progress import progress as show_progress
 
 __all__ = [
     "volume_loader",

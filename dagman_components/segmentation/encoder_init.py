@@ -5,7 +5,7 @@
 ``SwinUNETR.swinViT`` is a MONAI ``SwinTransformer`` whose state-dict keys are exactly those of
 :class:`~dagman_components.networks.SwinDAGMaN` without ``mask_token`` and the semantic-attention
 block ``sa.*`` (which the U-Net decoder does not use). The key mapping is therefore one prefix,
-``swinViT.``, applied by :func:`dagman_components.encoder_io.load_encoder_weights` (which also refuses
+``swinViT.``, applied by :func:`dagman_components.weights.encoder_io.load_encoder_weights` (which also refuses
 Swin blocks the network lacks); this module adds the check that the settings in the weights' model
 card match the network's. The bundle builds the network from that card in the first place.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from dagman_components.encoder_io import (
+from dagman_components.weights.encoder_io import (
     card_path,
     encoder_settings,
     load_encoder_weights,
@@ -27,7 +27,7 @@ from dagman_components.encoder_io import (
     weights_or_random,
 )
 from dagman_components.networks.pretrain import unwrap
-from dagman_components.weights import LoadReport
+from dagman_components.weights.state_dict import LoadReport
 
 __all__ = [
     "SWIN_UNETR_ENCODER_PREFIX",
@@ -87,7 +87,7 @@ def check_card_matches(network: nn.Module, card: Mapping[str, Any] | str | os.Pa
         card: a ``model_card.json`` path or its content (settings under ``network``).
 
     Raises:
-        dagman_components.encoder_io.EncoderSettingError: naming the first differing setting, both
+        dagman_components.weights.encoder_io.EncoderSettingError: naming the first differing setting, both
             values and the card.
     """
     own = swin_unetr_encoder_settings(network)
@@ -98,7 +98,7 @@ def check_card_matches(network: nn.Module, card: Mapping[str, Any] | str | os.Pa
 def load_swin_unetr_encoder(network: nn.Module, path: str | os.PathLike, check_card: bool = True) -> LoadReport:
     """Load a DAGMaN encoder (``model.pt`` or full pretraining checkpoint) into ``network.swinViT``.
 
-    The policy is :func:`dagman_components.encoder_io.load_encoder_weights`: every ``swinViT`` tensor
+    The policy is :func:`dagman_components.weights.encoder_io.load_encoder_weights`: every ``swinViT`` tensor
     found with its shape, and nothing left over but the pretraining-only ``mask_token`` and ``sa.*``.
 
     Args:
@@ -107,12 +107,12 @@ def load_swin_unetr_encoder(network: nn.Module, path: str | os.PathLike, check_c
         check_card: compare the settings in ``model_card.json`` beside ``path`` (when present) first.
 
     Returns:
-        The :class:`~dagman_components.weights.LoadReport` (``loaded`` names ``swinViT.*`` tensors;
+        The :class:`~dagman_components.weights.state_dict.LoadReport` (``loaded`` names ``swinViT.*`` tensors;
         ``unexpected`` holds the pretraining-only ``mask_token`` and ``sa.*``).
 
     Raises:
         FileNotFoundError: the file is missing (the message names the command that makes it).
-        dagman_components.encoder_io.EncoderSettingError: the card disagrees with the network.
+        dagman_components.weights.encoder_io.EncoderSettingError: the card disagrees with the network.
         WeightLoadError: unreadable file, another architecture, or Swin tensors the network lacks.
 
     Example:
@@ -136,7 +136,7 @@ def init_swin_unetr(network: nn.Module, pretrained_path: str | os.PathLike | Non
 
     The form a bundle config uses: ``network: $init_swin_unetr(@network_def, @pretrained_encoder).to(@device)``.
     ``None`` (``null`` in YAML) means random initialisation and is logged as such; other spellings
-    of "random" are refused (:func:`~dagman_components.encoder_io.weights_or_random`), and any path
+    of "random" are refused (:func:`~dagman_components.weights.encoder_io.weights_or_random`), and any path
     must load (see :func:`load_swin_unetr_encoder`), so a wrong path never trains silently from scratch.
 
     Args:

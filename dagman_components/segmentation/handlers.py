@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from dagman_components.atomic import atomic_write_png
-from dagman_components.distributed import is_main_process
+from dagman_components.runtime.distributed import is_main_process
 from dagman_components.handlers.curves import CurveWriter
 from dagman_components.visualize.backend import pyplot
 

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dagman_components.atomic import atomic_write_text
-from dagman_components.encoder_io import EncoderOutput, prepare_encoder, read_model_card
+from dagman_components.weights.encoder_io import EncoderOutput, prepare_encoder, read_model_card
 from dagman_components.metrics.diversity_report import volume_loader
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 from dagman_components.visualize.heatmap import (
     grid_title,
     plot_attention_slices,

@@ -13,7 +13,7 @@ import torch
 from zoo_utils import copy_bundle, run_inference
 
 from dagman_components.networks import SwinDAGMaN
-from dagman_components.weights import export_encoder
+from dagman_components.weights.state_dict import export_encoder
 
 NAME = "dagman_organ_ct_clustering"
 TINY = {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [3, 3, 3, 3], "sa_heads": 4}

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from dagman_components.atomic import atomic_save, atomic_write_png, atomic_write_text
-from dagman_components.errors import DagmanError
+from dagman_components.errors import DagmanError, is_pickled_objects_refusal, pickled_objects_message
 
 __all__ = [
     "atomic_write_png",
@@ -88,18 +88,10 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu", what: 
         raise WeightLoadError(f"cannot read {what} '{path}': {e}") from e
 
 
-def is_pickled_objects_refusal(error: BaseException) -> bool:
-    """Whether ``error`` is ``torch.load(weights_only=True)`` refusing a pickled object."""
-    return "Weights only load failed" in str(error)
-
-
 def pickled_objects_error(path: str | os.PathLike, what: str = "weights") -> WeightLoadError:
     """Our message for a file that holds pickled Python objects (torch's own text suggests
     ``weights_only=False``, which would run code from the file)."""
-    return WeightLoadError(
-        f"{what} file '{path}' holds pickled Python objects, not only tensors, and will not be loaded: "
-        "unpickling could run code from the file. Save the tensors only (a state_dict) and load that."
-    )
+    return WeightLoadError(pickled_objects_message(path, what))
 
 
 @dataclass

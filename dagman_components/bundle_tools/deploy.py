@@ -104,7 +104,7 @@ def bundle_network(bundle: str | os.PathLike, weights: str | os.PathLike | None 
     Returns:
         the network.
     """
-    from dagman_components.zoo_checks import inference_parser
+    from dagman_components.bundle_tools.zoo_checks import inference_parser
 
     bundle = Path(bundle)
     network = inference_parser(bundle).get_parsed_content("network_def")
@@ -153,7 +153,7 @@ def export_onnx(
     require_deploy_extra()
     from monai.bundle import onnx_export
 
-    from dagman_components.zoo_checks import zoo_inference_config
+    from dagman_components.bundle_tools.zoo_checks import zoo_inference_config
 
     bundle = Path(bundle)
     weights = bundle / "models" / "model.pt"
@@ -216,7 +216,7 @@ def bundle_case(bundle: str | os.PathLike, image: str | os.PathLike) -> tuple[to
     Returns:
         ``(batch of one image, inferer)``: call ``inferer(batch, network)`` with the eager or the ONNX network.
     """
-    from dagman_components.zoo_checks import inference_parser
+    from dagman_components.bundle_tools.zoo_checks import inference_parser
 
     parser = inference_parser(bundle)
     parser.update({"device": "$torch.device('cpu')"})

@@ -23,7 +23,7 @@ from monai.networks.utils import eval_mode
 from torch.utils.data import Dataset
 
 from dagman_components.data.resumable import SeededItems, derive_seed
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 __all__ = ["FrozenFeatureDataset", "frozen_features", "image_batches", "module_device"]
 

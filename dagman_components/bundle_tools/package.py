@@ -14,7 +14,7 @@ the bundle folder as its single top-level folder. What it leaves out, and why:
 * hidden files (``.*``), ``*.tmp``, ``*.log``, ``*.pyc``/``*.pyo`` and editor backups ``*~``;
 * everything under ``models/`` except the shipped weights, ``models/model.pt`` and
   ``models/model.ts``, the classifier's ``models/threshold.json`` (``keep_models``), and the ``model_card.json`` beside a kept ``.pt`` (the card
-  :mod:`dagman_components.encoder_io` builds the encoder from travels with its weights): training writes its checkpoints there
+  :mod:`dagman_components.weights.encoder_io` builds the encoder from travels with its weights): training writes its checkpoints there
   (``checkpoint_*.pt``, ``model_key_metric=*.pt``, optimiser states) and they are not part of a release;
 * any file larger than ``max_file_mb`` (the zoo's limit is 25 MB per file), except the files
   the checks require (``LICENSE``, ``configs/*``, ``docs/README.md``): it is listed in
@@ -29,7 +29,7 @@ Symbolic links to folders are not followed; symbolic links to files are packaged
 
 Example::
 
-    from dagman_components.bundle_tools import check_bundle, package_bundle
+    from dagman_components.bundle_tools.package import check_bundle, package_bundle
 
     problems = check_bundle("bundles/dagman_pretrain", require_weights=False)
     zip_path = package_bundle("bundles/dagman_pretrain", "dist")
@@ -56,7 +56,7 @@ import yaml
 
 from dagman_components.atomic import atomic_write_bytes, replace_atomically
 from dagman_components.errors import DagmanError
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 __all__ = [
     "DEFAULT_SCHEMA_PATH",
@@ -81,7 +81,7 @@ LARGE_FILES_NAMES = ("large_files.yml", "large_files.yaml", "large_files.json")
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what monai.apps.utils.check_hash accepts
 KEEP_MODELS = ("model.pt", "model.ts", "threshold.json")  # threshold.json: the classifier's validation threshold
 WHEELS_DIR = "wheels"  # the zip's folder for the dagman_components wheel (package_bundle(with_wheel=True))
-MODEL_CARD_NAME = "model_card.json"  # dagman_components.encoder_io.MODEL_CARD_NAME (not imported: it pulls in torch)
+MODEL_CARD_NAME = "model_card.json"  # dagman_components.weights.encoder_io.MODEL_CARD_NAME (not imported: it pulls in torch)
 EXCLUDED_ROOT_DIRS = frozenset({"eval", "runs", "logs", "log", "mlruns"})
 EXCLUDED_DIRS = frozenset({"__pycache__"})
 EXCLUDED_FILE_PATTERNS = (".*", "*.tmp", "*.log", "*.pyc", "*.pyo", "*~")
@@ -386,7 +386,7 @@ def _metadata_following_weights(bundle: Path, files: Sequence[Path]) -> bytes | 
         return None
     key, output = next(iter(outputs.items()))
     declared = output["num_channels"]
-    from dagman_components.zoo_checks import measured_output_channels  # imports torch: only when weights ship
+    from dagman_components.bundle_tools.zoo_checks import measured_output_channels  # imports torch: only when weights ship
 
     try:
         measured = measured_output_channels(bundle)

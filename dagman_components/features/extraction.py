@@ -40,7 +40,7 @@ from monai.transforms import Compose, DivisiblePadd, Invertd, ResizeWithPadOrCro
 from dagman_components.atomic import atomic_write_text, replace_atomically, save_nifti_atomic
 from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, check_roi_size, ct_load_and_normalise
 from dagman_components.networks.outputs import EncoderOutput
-from dagman_components.progress import progress
+from dagman_components.runtime.progress import progress
 
 __all__ = ["FEATURES_FILE", "CASES_FILE", "case_names", "extraction_preprocessing",
            "CTFeatureExtractor"]

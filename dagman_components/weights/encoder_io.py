@@ -3,7 +3,7 @@
 """Encoder I/O, one way for every bundle: read the model card, settle the settings, build, load, freeze.
 
 The pretraining bundle writes ``models/model.pt`` (the teacher encoder's flat state dict) and
-``models/model_card.json`` beside it (:func:`dagman_components.weights.export_encoder`). Downstream
+``models/model_card.json`` beside it (:func:`dagman_components.weights.state_dict.export_encoder`). Downstream
 bundles, the comparison scripts and the diversity report go through this module:
 
 - :func:`read_model_card` / :func:`card_path`: the card of a ``model.pt``; :func:`find_card`: the first
@@ -46,7 +46,7 @@ from dagman_components.errors import DagmanError
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.networks.swin_dagman import ENCODER_DEFAULTS, SwinDAGMaN
 from dagman_components.networks.vit_dagman import ViTDAGMaN
-from dagman_components.weights import LoadReport, WeightLoadError, load_pretrained_encoder, sha256_of
+from dagman_components.weights.state_dict import LoadReport, WeightLoadError, load_pretrained_encoder, sha256_of
 
 __all__ = [
     "MODEL_CARD_NAME",
@@ -434,11 +434,11 @@ def load_encoder_weights(
         unused_prefixes: file tensors that may stay unused.
 
     Returns:
-        The :class:`~dagman_components.weights.LoadReport`.
+        The :class:`~dagman_components.weights.state_dict.LoadReport`.
 
     Raises:
         FileNotFoundError: the file does not exist (the message names :data:`PRETRAINING_COMMAND`).
-        dagman_components.weights.WeightLoadError: unreadable file, another architecture, missing or extra tensors.
+        dagman_components.weights.state_dict.WeightLoadError: unreadable file, another architecture, missing or extra tensors.
     """
     require_weights(path)
     report = load_pretrained_encoder(target, path, key_prefix=key_prefix, min_loaded_fraction=1.0)
@@ -460,7 +460,7 @@ def with_encoder_weights(
 ) -> nn.Module:
     """Load encoder ``weights`` into ``network`` as it is built, and return it: the form bundle configs use.
 
-    ``network: $dagman_components.encoder_io.with_encoder_weights(@network_def, @pretrained_path,
+    ``network: $dagman_components.weights.encoder_io.with_encoder_weights(@network_def, @pretrained_path,
     key='pretrained_path', key_prefix='encoder.').to(@device)``: the weights load when the network is
     built, before anything (a feature cache, an optimizer) uses it.
 
@@ -476,7 +476,7 @@ def with_encoder_weights(
         ``network`` itself.
 
     Raises:
-        FileNotFoundError, EncoderSettingError, dagman_components.weights.WeightLoadError: as
+        FileNotFoundError, EncoderSettingError, dagman_components.weights.state_dict.WeightLoadError: as
             :func:`weights_or_random`, :func:`require_weights` and :func:`load_encoder_weights`.
     """
     path = weights_or_random(weights, key)
@@ -517,7 +517,7 @@ def prepare_encoder(
         ``weights_sha256`` (both ``None`` for random) set on it.
 
     Raises:
-        FileNotFoundError, EncoderSettingError, dagman_components.weights.WeightLoadError: as the steps above.
+        FileNotFoundError, EncoderSettingError, dagman_components.weights.state_dict.WeightLoadError: as the steps above.
     """
     path = weights_or_random(weights, key)
     if path is not None:
