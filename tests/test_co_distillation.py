@@ -105,7 +105,8 @@ def test_uniform_teacher_raises_the_alarm_after_warmup_and_patience(caplog):
     messages = [r.getMessage() for r in caplog.records if "collapse alarm" in r.getMessage()]
     assert len(messages) == 1 and "AITD" in messages[0] and "uniform collapse" in messages[0]
     assert "teacher_temp" in messages[0]  # says what to try
-    assert engine.state.output["scalars"]["collapse_alarm"] == 1.0
+    assert alarm.scalars == {"collapse_alarm": 1.0}  # on the handler, for LoggedScalars
+    assert "collapse_alarm" not in engine.state.output["scalars"]  # the trainer's output is left alone
 
 
 def test_no_alarm_below_the_threshold_or_before_patience_and_again_after_recovery(caplog):
@@ -390,3 +391,19 @@ def test_attention_in_mask_report_on_shipped_crops_is_near_chance_for_a_random_e
     assert 1 <= rep["cases"] <= 6 and len(rep["mass_inside"]) == rep["cases"]
     assert all(0.0 <= m <= 1.0 for m in rep["mass_inside"]) and all(0.0 < s < 1.0 for s in rep["mask_share"])
     assert 0.8 < rep["mean_ratio"] < 1.25  # an untrained [CLS] spreads its attention: about chance
+
+
+def test_logged_scalars_merges_the_sources_without_changing_the_output():
+    """LoggedScalars is what TensorBoard, MLflow and the curves log: the trainer's scalars, then each source's
+    (a later source wins a shared name); a source without ``scalars`` is refused at construction."""
+    from types import SimpleNamespace
+
+    from dagman_components.handlers import LoggedScalars
+
+    first, second = SimpleNamespace(scalars={"a": 1.0, "b": 2.0}), SimpleNamespace(scalars={"b": 3.0})
+    output = {"loss": torch.tensor(0.5), "scalars": {"loss": 0.5, "a": 0.0}}
+    assert LoggedScalars([first, second])(output) == {"loss": 0.5, "a": 1.0, "b": 3.0}
+    assert output["scalars"] == {"loss": 0.5, "a": 0.0}
+    assert LoggedScalars()(None) == {} and LoggedScalars([first])([1, 2]) == {"a": 1.0, "b": 2.0}
+    with pytest.raises(TypeError, match="Engine has none"):
+        LoggedScalars([Engine(lambda e, b: None)])

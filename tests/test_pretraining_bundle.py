@@ -73,7 +73,8 @@ def trained(tmp_path_factory) -> Path:
 
 def test_run_writes_checkpoint_weights_logs_and_plot(trained):
     ck = load_ckpt(trained)
-    assert set(ck) == {"student", "teacher", "optimizer", "loss", "loss_history", "trainer", "settings"}
+    assert set(ck) == {"student", "teacher", "optimizer", "loss", "loss_history", "collapse_alarm", "trainer", "settings"}
+    assert ck["collapse_alarm"]["alarms"] == [] and len(ck["collapse_alarm"]["streak"]) == 9  # 3 terms x 3 kinds
     assert ck["trainer"]["iteration"] == 4  # 2 volumes, batch 1, 2 epochs
     assert ck["loss"]["cls_ce.center"].abs().sum() > 0  # centres were updated
     card = json.loads((trained / "models" / "model_card.json").read_text())

@@ -22,7 +22,13 @@ from dagman_components.classification.splits import grouped_stratified_folds
 from dagman_components.classification.table import read_nodule_table
 from dagman_components.classification.transforms import nodule_preprocessing
 from dagman_components.data import HU_WINDOW
-from dagman_components.handlers import AtomicCheckpointSaver, ResumeFromCheckpoint, TeacherEMAHandler
+from dagman_components.handlers import (
+    AtomicCheckpointSaver,
+    DiagnosticEvents,
+    LoggedScalars,
+    ResumeFromCheckpoint,
+    TeacherEMAHandler,
+)
 from dagman_components.handlers.probe import FrozenFeatureProbe, select_cases
 from dagman_components.networks import DAGMaNPretrainNetwork, SwinDAGMaN
 
@@ -78,11 +84,16 @@ def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path)
     net = _network().train()  # any mode: restored after each probe
     engine = _engine(teacher=net)
     seen: dict[int, dict] = {}
+    results: list[dict] = []
     probe = _probe(tmp_path, interval=4)  # network None: engine.teacher
     probe.attach(engine)
     probe.attach(engine)  # idempotent
+    logged = LoggedScalars([probe])
     engine.add_event_handler(Events.ITERATION_COMPLETED,  # attached after it, like the bundle's TensorBoard handler
-                             lambda e: seen.__setitem__(e.state.iteration, dict(e.state.output["scalars"])))
+                             lambda e: seen.__setitem__(e.state.iteration, logged(e.state.output)))
+    untouched = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: untouched.append(e.state.output["scalars"] == {"loss": 0.0}))
+    engine.add_event_handler(DiagnosticEvents.PROBE_RESULT, lambda e: results.append(dict(probe.last_result)))
     engine.run(range(5), max_epochs=2)  # 10 iterations
     assert probe.iterations == [0, 4, 8, 10]  # baseline, every 4, and the end
     assert len(probe.aucs["cls"]) == len(probe.aucs["global"]) == len(probe.seconds) == 4
@@ -92,7 +103,10 @@ def test_probes_at_start_every_interval_and_end_and_reports_everywhere(tmp_path)
         assert has == (it in (4, 8)), it
     n = probe.iterations.index(8)
     assert seen[8]["probe_auc_cls"] == probe.aucs["cls"][n] and seen[8]["probe_auc_global"] == probe.aucs["global"][n]
-    assert engine.state.probe["iteration"] == 10 and engine.state.probe["cases"] == 24 and engine.state.probe["folds"] == 3
+    assert [r["iteration"] for r in results] == [0, 4, 8, 10]  # one PROBE_RESULT per probe, the baseline too
+    assert results[-1]["cases"] == 24 and results[-1]["folds"] == 3
+    assert not hasattr(engine.state, "probe")
+    assert len(untouched) == 10 and all(untouched)  # the trainer's output is left alone
     assert all(0.0 <= a <= 1.0 for t in ("cls", "global") for a in probe.aucs[t])
     assert (tmp_path / "probe_auc.png").stat().st_size > 1000
     with open(tmp_path / "probe_auc.csv", newline="") as f:

@@ -13,11 +13,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import DATA, REPO
 
+from dagman_components.handlers.events import LoggedScalars
 from dagman_components.handlers.tracking import configure_tracking, tracked_scalars
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra: pip install -e .[tracking]")
@@ -40,10 +42,14 @@ def test_configure_tracking_fits_only_mlflow_handlers(tmp_path):
     from monai.handlers import MLFlowHandler, StatsHandler
 
     stats, tracker = StatsHandler(), MLFlowHandler(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", artifacts="config.json")
+    stats_transform = stats.output_transform
+    alarm = SimpleNamespace(scalars={"collapse_alarm": 1.0})  # a diagnostic handler's numbers of this iteration
     out = configure_tracking([stats, tracker], params={"a": {"b": (1, 2)}, "c": 3}, artifacts=["card.json"],
-                             close="false", step_per_run=True)
-    assert out == [stats, tracker] and stats.output_transform is not tracked_scalars
-    assert tracker.output_transform is tracked_scalars
+                             close="false", step_per_run=True, scalars=LoggedScalars([alarm]))
+    assert out == [stats, tracker] and stats.output_transform is stats_transform  # not an MLFlowHandler
+    output = {"loss": torch.tensor(0.5), "scalars": {"loss": 0.5}}
+    assert tracker.output_transform(output) == {"loss": 0.5, "collapse_alarm": 1.0}
+    assert output["scalars"] == {"loss": 0.5}  # read, not changed
     assert tracker.experiment_param == {"a.b": [1, 2], "c": 3}
     assert tracker.artifacts == ("config.json", "card.json") and tracker.close_on_complete is False
     assert [tracker.global_epoch_transform(1) for _ in range(3)] == [1, 2, 3]

@@ -11,7 +11,12 @@ from dagman_components.handlers.checkpoint import (
     TrainedModelCard,
     WeightsOnlyCheckpointLoader,
 )
-from dagman_components.handlers.events import DiagnosticEvents, register_diagnostic_events
+from dagman_components.handlers.events import (
+    DiagnosticEvents,
+    DiagnosticSource,
+    LoggedScalars,
+    register_diagnostic_events,
+)
 from dagman_components.handlers.curves import CurveHistory, CurveWriter, EpochCurveWriter
 from dagman_components.handlers.monitoring import (
     DataWaitTimer,

@@ -48,8 +48,10 @@ class CollapseAlarm:
     reported again), with what collapsed, the values and what to try. The handler's ``alarms`` lists
     ``(iteration, term, kind)`` of every warning (kept with the streaks in ``state_dict``), and
     :attr:`~dagman_components.handlers.events.DiagnosticEvents.COLLAPSE_ALARM` is fired on the engine
-    after each new warning. ``scalars["collapse_alarm"]`` is the number of terms in alarm at each step,
-    so TensorBoard and the CSV show it too.
+    after each new warning. Its ``scalars`` (a
+    :class:`~dagman_components.handlers.events.DiagnosticSource`) hold ``collapse_alarm``, the number of
+    terms in alarm at the current step, which TensorBoard and the loss curves log through
+    :class:`~dagman_components.handlers.events.LoggedScalars`.
 
     Args:
         num_prototypes: K of the projection heads (ln K is the entropy of a uniform target).
@@ -85,6 +87,8 @@ class CollapseAlarm:
         self._reported: set[tuple[str, str]] = set()
         #: ``(iteration, term, kind)`` of every warning, in order.
         self.alarms: list[tuple[int, str, str]] = []
+        #: ``{"collapse_alarm": terms in alarm}`` at the last step checked (empty before the first).
+        self.scalars: dict[str, float] = {}
 
     def state_dict(self) -> dict:
         """The warnings so far and the running streaks, for a checkpoint."""
@@ -135,6 +139,7 @@ class CollapseAlarm:
         output = engine.state.output
         scalars = output.get("scalars") if isinstance(output, dict) else None
         if not isinstance(scalars, dict):
+            self.scalars = {}
             return
         in_alarm = 0
         reported = len(self.alarms)
@@ -151,6 +156,6 @@ class CollapseAlarm:
                     self._reported.add(key)
                     self.logger.warning(self.message(term, kind, scalars, engine.state.iteration))
                     self.alarms.append((int(engine.state.iteration), term, kind))
-        scalars["collapse_alarm"] = float(in_alarm)
+        self.scalars = {"collapse_alarm": float(in_alarm)}
         if len(self.alarms) > reported:
             engine.fire_event(DiagnosticEvents.COLLAPSE_ALARM)

@@ -7,13 +7,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ignite.engine import Engine, Events
 
 from dagman_components.runtime.distributed import is_main_process
 from dagman_components.handlers.curves import CurveWriter
+from dagman_components.handlers.events import LoggedScalars
 from dagman_components.visualize.backend import pyplot
 from dagman_components.losses.diagnostics import DIAGNOSTIC_NAMES
 
@@ -193,21 +194,26 @@ class LossHistoryPlotter(CurveWriter):
 
     Args:
         png_path: where the PNG goes.
-        keys: the names in ``engine.state.output["scalars"]`` to record.
+        keys: the names to record (missing ones are NaN at that iteration).
         num_prototypes: K of the projection heads (ln K reference lines); ``None`` draws none.
         plot_interval: iterations between redraws (0: epoch ends and completion only).
+        scalars: what an iteration's numbers are, from ``engine.state.output``: the bundle's
+            :class:`~dagman_components.handlers.events.LoggedScalars` (the trainer's scalars and the
+            diagnostic handlers'); ``None`` reads the output's ``scalars`` dict only.
     """
 
     x_name = "iteration"
 
     def __init__(self, png_path: str | os.PathLike, keys: Sequence[str] = LOSS_KEYS + DIAGNOSTIC_KEYS,
-                 num_prototypes: int | None = None, plot_interval: int = 0) -> None:
+                 num_prototypes: int | None = None, plot_interval: int = 0,
+                 scalars: Callable[[Any], Mapping[str, Any]] | None = None) -> None:
         super().__init__(png_path, plot_interval=plot_interval)
         self.keys = list(keys)
         self.num_prototypes = num_prototypes
+        self.scalars = scalars if scalars is not None else LoggedScalars()
 
     def record(self, engine: Engine) -> None:
-        scalars = engine.state.output.get("scalars", {}) if isinstance(engine.state.output, dict) else {}
+        scalars = self.scalars(engine.state.output)
         for k in self.keys:
             self.history.add(k, engine.state.iteration, float(scalars.get(k, float("nan"))))
 

@@ -39,6 +39,7 @@ from dagman_components.features.frozen_features import frozen_features, image_ba
 from dagman_components.networks.pretrain import unwrap
 from dagman_components.probing import CLASSIFIERS, DEFAULT_C, ProbeScores, probe_auc, probe_scores
 from dagman_components.handlers.curves import CurveHistory, CurveWriter
+from dagman_components.handlers.events import DiagnosticEvents, register_diagnostic_events
 
 __all__ = [
     "FrozenFeatureProbe",
@@ -254,9 +255,12 @@ class FrozenFeatureProbe:
     * appends to its history (``state_dict`` / ``load_state_dict``; put it in the checkpoint dict to
       carry it across resumes; without that, a resumed run reads back the rows of its CSV up to the
       resumed iteration);
-    * sets ``engine.state.probe`` (iteration, ``auc_<token>``, seconds, cases, folds);
-    * adds ``probe_<series>`` (``probe_auc_<token>``, and the attention series) to ``engine.state.output["scalars"]`` when that is a dict (the
-      bundle's TensorBoard handler, attached after it, logs it);
+    * keeps the result in ``last_result`` (iteration, ``auc_<token>``, seconds, cases, folds) and its
+      ``probe_<series>`` numbers (``probe_auc_<token>``, and the attention series) in ``scalars`` for
+      the rest of that iteration (a :class:`~dagman_components.handlers.events.DiagnosticSource`: the
+      bundle's TensorBoard and MLflow handlers, attached after it, log them through
+      :class:`~dagman_components.handlers.events.LoggedScalars`), then fires
+      :attr:`~dagman_components.handlers.events.DiagnosticEvents.PROBE_RESULT`;
     * logs one INFO line and rewrites ``png_path`` and the CSV next to it, atomically.
 
     Only rank 0 probes under ``torch.distributed``. Handlers run in the order they are attached:
@@ -358,6 +362,10 @@ class FrozenFeatureProbe:
         self._clock_start: float | None = None  # perf_counter at the run's start in this process
         self._wall_offset = 0.0  # wall seconds recorded before this process (a resumed run)
         self.history = CurveHistory("iteration")  # auc_<token> and seconds per probed iteration
+        #: The last probe's result (``None`` before the first).
+        self.last_result: dict[str, Any] | None = None
+        #: ``probe_<series> -> value`` of the probe run during the current iteration (empty otherwise).
+        self.scalars: dict[str, float] = {}
         self.curves = (ProbeCurveWriter(self.png_path, self.tokens, self.history, attention=self.attention)
                        if self.png_path is not None else None)
 
@@ -533,10 +541,8 @@ class FrozenFeatureProbe:
         return result
 
     def _report(self, engine: Engine, result: Mapping[str, Any]) -> None:
-        engine.state.probe = dict(result)
-        output = engine.state.output
-        if isinstance(output, dict) and isinstance(output.get("scalars"), dict):
-            output["scalars"].update({f"probe_{name}": result[name] for name in self.series})
+        self.last_result = dict(result)
+        self.scalars = {f"probe_{name}": float(result[name]) for name in self.series}
         logger.info("probe @ iteration %d: AUC %s (%d cases, %d folds, %.1f s)%s", result["iteration"],
                     ", ".join(f"{t} {result[f'auc_{t}']:.3f}" for t in self.tokens), result["cases"], result["folds"],
                     result["seconds"], "" if not self.attention else
@@ -547,6 +553,8 @@ class FrozenFeatureProbe:
             logger.info("probe: the %s probe is 0.05 AUC above its random-init value after %.1f min of wall time "
                         "(iteration %d): the time to a useful encoder", self.tokens[0], useful[1] / 60, useful[0])
         self.write()
+        if DiagnosticEvents.PROBE_RESULT in getattr(engine, "_allowed_events", ()):
+            engine.fire_event(DiagnosticEvents.PROBE_RESULT)
 
     # -- ignite
 
@@ -554,7 +562,9 @@ class FrozenFeatureProbe:
         """Probe at the start of a fresh run, every ``interval`` iterations and at the end (once)."""
         if engine.has_event_handler(self._on_started, Events.STARTED):
             return
+        register_diagnostic_events(engine)
         engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._forget_scalars)
         if self.interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
@@ -563,6 +573,9 @@ class FrozenFeatureProbe:
         """Probe (rank 0 only)."""
         if is_main_process():
             self.run_probe(engine)
+
+    def _forget_scalars(self, engine: Engine) -> None:
+        self.scalars = {}
 
     def _on_started(self, engine: Engine) -> None:
         self._clock_start = time.perf_counter()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,12 +38,15 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def tracked_scalars(output: Any) -> dict[str, float] | None:
-    """What an iteration logs: the engine output's ``scalars`` (the pretraining trainer's losses, learning rate,
-    collapse diagnostics and in-loop probe AUCs), else its ``loss`` as ``train_loss``.
+def tracked_scalars(output: Any, scalars: Callable[[Any], Mapping[str, Any]] | None = None) -> dict[str, float] | None:
+    """What an iteration logs: the engine output's ``scalars`` (the pretraining trainer's losses, learning rate
+    and collapse diagnostics) with those of the diagnostic handlers (``scalars``: the collapse alarm, the in-loop
+    probe's AUCs), else its ``loss`` as ``train_loss``.
 
     Args:
         output: ``engine.state.output``: a dict, or a decollated list of dicts (the loss in each).
+        scalars: the bundle's :class:`~dagman_components.handlers.events.LoggedScalars`; ``None`` reads the
+            output's ``scalars`` only.
 
     Returns:
         ``{name: value}`` of the finite numbers; ``None`` when there is nothing to log (e.g. a validator's output).
@@ -51,9 +55,9 @@ def tracked_scalars(output: Any) -> dict[str, float] | None:
         output = output[0]
     if not isinstance(output, Mapping):
         return None
-    scalars = output.get("scalars")
-    if isinstance(scalars, Mapping):
-        numbers = {str(k): _number(v) for k, v in scalars.items()}
+    if isinstance(output.get("scalars"), Mapping):
+        logged = scalars(output) if scalars is not None else output["scalars"]
+        numbers = {str(k): _number(v) for k, v in logged.items()}
     else:
         numbers = {"train_loss": _number(output.get("loss"))}
     numbers = {k: v for k, v in numbers.items() if v is not None}
@@ -77,6 +81,7 @@ def configure_tracking(
     artifacts: Sequence[str] = (),
     close: bool | None = None,
     step_per_run: bool = False,
+    scalars: Callable[[Any], Mapping[str, Any]] | None = None,
 ) -> list[Any]:
     """Fit each ``monai.handlers.MLFlowHandler`` of ``handlers`` (those ``--tracking mlflow`` added) to the project.
 
@@ -88,6 +93,8 @@ def configure_tracking(
         close: end the MLflow run when the engine completes (an evaluation run); ``None`` keeps MONAI's setting.
         step_per_run: for a validator run once per validation round: its metrics are logged at step 1, 2, ...
             (the round) instead of the validator's own epoch, which is always 1.
+        scalars: the bundle's :class:`~dagman_components.handlers.events.LoggedScalars`, so MLflow logs the
+            diagnostic handlers' numbers too (:func:`tracked_scalars`).
 
     Returns:
         ``handlers`` as a new list (the same handler objects).
@@ -97,7 +104,7 @@ def configure_tracking(
     for handler in handlers:
         if not isinstance(handler, MLFlowHandler):
             continue
-        handler.output_transform = tracked_scalars
+        handler.output_transform = partial(tracked_scalars, scalars=scalars)
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **_flat(params)}
         extra = tuple(str(a) for a in artifacts)
