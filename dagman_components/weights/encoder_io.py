@@ -197,17 +197,10 @@ def encoder_settings(
         EncoderSettingError: an explicit value differs from the card's (one line: key, both values, card).
     """
     explicit = {k: v for k, v in explicit.items() if v is not None}
-    where = ""
-    content: Mapping[str, Any] | None = None
-    if isinstance(card, Mapping):
-        content = card
-    elif card is not None:
-        path = Path(os.path.abspath(os.fspath(card))) if Path(card).suffix == ".json" else card_path(card)
-        where = f" '{path}'"
-        content = read_model_card(path) if path.is_file() else None
-        if content is None:
-            logger.info("no model card at %s: the encoder settings are the config values and defaults.", path)
+    content, where = _card_content(card)
     if content is None:
+        if card is not None and not isinstance(card, Mapping):
+            logger.info("no model card at %s: the encoder settings are the config values and defaults.", where)
         return {"class": "SwinDAGMaN", **ENCODER_DEFAULTS, **explicit}
     network = dict(content.get("network", content))
     name = _class_name(network)
@@ -215,7 +208,7 @@ def encoder_settings(
     for key, value in explicit.items():
         if key in network and _comparable(network[key]) != _comparable(value):
             raise EncoderSettingError(
-                f"encoder setting {key}={value!r} contradicts {key}={network[key]!r} in the model card{where}: remove "
+                f"encoder setting {key}={value!r} contradicts {key}={network[key]!r} in the model card {where}: remove "
                 f"the setting (or set it to null) to use the card's value, or use weights made with {key}={value!r}."
             )
     base = {**ENCODER_DEFAULTS} if name == "SwinDAGMaN" else {}
@@ -225,7 +218,7 @@ def encoder_settings(
 def _card_content(card: str | os.PathLike | Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, str]:
     """The card's content (``None`` when there is none) and where it is, for messages."""
     if card is None or isinstance(card, Mapping):
-        return card, "the given card"
+        return card, "(given as a mapping)"
     path = Path(os.path.abspath(os.fspath(card)))
     path = path if path.suffix == ".json" else card_path(path)
     return (read_model_card(path) if path.is_file() else None), f"'{path}'"
