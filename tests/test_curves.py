@@ -57,9 +57,9 @@ def test_epoch_curve_writer_names_the_metric_before_any_validation(tmp_path):
     assert (tmp_path / "c.csv").read_text().splitlines() == ["epoch,train_loss,val_auc", "1,1,"]
 
 
-def test_loss_history_plotter_reads_its_older_checkpoint_layout(tmp_path):
+def test_loss_history_plotter_nan_fills_a_series_its_checkpoint_lacks(tmp_path):
     plotter = LossHistoryPlotter(tmp_path / "loss.png", keys=["loss", "loss_amip"])
-    plotter.load_state_dict({"iterations": [1, 2], "history": {"loss": [2.0, 1.5]}})  # no loss_amip then
+    plotter.load_state_dict({"x_name": "iteration", "series": {"loss": ([1, 2], [2.0, 1.5])}})  # no loss_amip then
     plotter.write()
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows == ["iteration,loss,loss_amip", "1,2,nan", "2,1.5,nan"]

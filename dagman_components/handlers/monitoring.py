@@ -226,11 +226,7 @@ class LossHistoryPlotter(CurveWriter):
                                  num_prototypes=self.num_prototypes)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore; series the checkpoint lacks (written by an older version) are NaN-filled, and the
-        older layout (``iterations`` and ``history``) is read too."""
-        if "iterations" in state:  # before the shared CurveHistory
-            its = [int(i) for i in state["iterations"]]
-            state = {"x_name": self.x_name, "series": {k: (its, v) for k, v in state["history"].items()}}
+        """Restore; series the checkpoint lacks (a key added to ``keys`` since it was written) are NaN-filled."""
         super().load_state_dict(state)
         iterations = max((self.history.xs(k) for k in self.history.series), key=len, default=[])
         for k in self.keys:
