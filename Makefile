@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# The small-budget DAGMaN recipe (configs/small_cpu.yaml) at demo scale (configs/demo_recipe.yaml): 171 steps on the
+# The small-budget DAGMaN recipe (configs/small_cpu.yaml) at demo scale (configs/demo_recipe.yaml): 133 steps on the
 # 158 LIDC nodule crops shipped in the bundle, with the frozen-feature probe and S_ATT's attention metrics on the 24
 # shipped labelled crops of other patients. Writes $(BUNDLE)/models/{checkpoint.pt,model.pt,model_card.json} and, in
 # $(BUNDLE)/runs/, loss_curves.png (losses against ln K, collapse diagnostics, S_ATT against uniform), probe_auc.png
