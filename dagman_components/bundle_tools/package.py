@@ -73,7 +73,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 )
-DEFAULT_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "meta_schema_20240725.json"
+DEFAULT_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "meta_schema_20240725.json"
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 INFERENCE_CONFIGS = tuple(f"configs/inference{suffix}" for suffix in CONFIG_SUFFIXES)
@@ -341,7 +341,7 @@ def build_components_wheel(out_dir: str | os.PathLike) -> Path:
             beside it): install this repository with ``pip install -e .`` first.
         RuntimeError: when ``pip wheel`` fails; the message holds the end of its output.
     """
-    project = Path(__file__).resolve().parents[1]
+    project = Path(__file__).resolve().parents[2]
     if not (project / "setup.cfg").is_file():
         raise FileNotFoundError(f"no setup.cfg in {project}: the wheel of dagman_components is built from its "
                                 "source tree; run this from a checkout installed with `pip install -e .`.")
