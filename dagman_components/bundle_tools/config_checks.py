@@ -40,7 +40,6 @@ BOOLEAN_SETTINGS = frozenset(
         "head_batch_norm",
         "keep_largest_component",
         "probe_attention",
-        "probe_cached",
         "resume",
         "save_attention",
         "teacher_amp",

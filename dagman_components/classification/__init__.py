@@ -60,4 +60,4 @@ from dagman_components.classification.transforms import (
     nodule_preprocessing,
     world_to_voxel,
 )
-from dagman_components.classification.training import ProbeHeadInit, classifier_trainer
+from dagman_components.classification.training import MODES, ProbeHeadInit, TrainingPlan, classifier_trainer

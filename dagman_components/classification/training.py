@@ -23,14 +23,90 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer, Trainer
 
+from dagman_components.data.nodule_transforms import nodule_augmentation
+from dagman_components.data.resumable import SeededItems
 from dagman_components.engines import LinearProbeTrainer
 from dagman_components.features.frozen_features import FrozenFeatureDataset
 from dagman_components.networks import unwrap
 from dagman_components.probing import DEFAULT_C, fit_logistic_probe
 
-__all__ = ["classifier_trainer", "ProbeHeadInit"]
+__all__ = ["MODES", "TrainingPlan", "classifier_trainer", "ProbeHeadInit"]
+
+#: The values of the bundle's ``mode``.
+MODES = ("linear_probe", "finetune")
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingPlan:
+    """Everything ``mode`` decides in the classification bundle's configs, in one component.
+
+    ``linear_probe`` embeds each crop once with the frozen encoder (unaugmented, in memory, so the loaders
+    need no worker processes) and trains the head alone; ``finetune`` trains the whole network on
+    (augmented) images, its head first set to the linear probe's optimum when ``head_init`` is ``probe``.
+    Evaluation and inference run the whole model on images in either mode (``run_on_images``).
+
+    Args:
+        mode: ``linear_probe`` or ``finetune``.
+        network: the :class:`~dagman_components.classification.NoduleClassifier` (``encoder``, ``head``).
+        token: the encoder output the head reads (``cls`` or ``global``).
+        seed: seed of the training items' random transforms.
+        device: where the frozen encoder embeds the crops.
+        augment: augment the fine-tuning crops (:func:`~dagman_components.data.nodule_transforms.nodule_augmentation`).
+        head_init: ``probe`` or ``random`` (fine-tuning).
+        num_workers: the loaders' worker processes for images.
+        run_on_images: the whole model runs on images whatever the mode (evaluation, inference).
+
+    Raises:
+        ValueError: for an unknown ``mode`` or ``head_init``, naming the config key.
+    """
+
+    def __init__(self, mode: str, network: nn.Module, token: str = "cls", seed: int = 0,
+                 device: torch.device | str | None = None, augment: bool = True, head_init: str = "probe",
+                 num_workers: int = 0, run_on_images: bool = False) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
+        if head_init not in ("probe", "random"):
+            raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}.")
+        self.mode, self.network, self.token = mode, network, str(token)
+        self.seed, self.device, self.augment, self.head_init = int(seed), device, bool(augment), head_init
+        self.num_workers = int(num_workers)
+        #: The head trains on features cached once from the frozen encoder.
+        self.cached_features = mode == "linear_probe" and not run_on_images
+
+    @property
+    def trained_network(self) -> nn.Module:
+        """What the trainer and the evaluator run: the head on cached features, else the whole network."""
+        return unwrap(self.network).head if self.cached_features else self.network
+
+    @property
+    def item_workers(self) -> int:
+        """Worker processes of the loaders: none for features in memory (they would only add their start-up)."""
+        return 0 if self.cached_features else self.num_workers
+
+    @property
+    def probe_head_init(self) -> bool:
+        """Whether fine-tuning starts from the linear probe's head (:class:`ProbeHeadInit`)."""
+        return self.head_init == "probe" and not self.cached_features
+
+    def train_transforms(self, preprocessing: Sequence[Any]) -> list[Any]:
+        """The training preprocessing: augmentation appended when fine-tuning with ``augment``."""
+        augmentation = nodule_augmentation() if self.augment and not self.cached_features else []
+        return [*preprocessing, *augmentation]
+
+    def train_items(self, dataset: Any) -> Any:
+        """The training items: cached features, or the images with each item's random transforms seeded."""
+        if self.cached_features:
+            return FrozenFeatureDataset(dataset, unwrap(self.network).encoder, self.token, seed=self.seed,
+                                        device=self.device, description="training features")
+        return SeededItems(dataset)
+
+    def validation_items(self, dataset: Any) -> Any:
+        """The validation items: cached features, or the images."""
+        if self.cached_features:
+            return FrozenFeatureDataset(dataset, unwrap(self.network).encoder, self.token, device=self.device,
+                                        description="validation features")
+        return dataset
 
 
 def classifier_trainer(mode: str, device: torch.device, network: nn.Module, train_items: Any, probe_Cs: Sequence[float],
