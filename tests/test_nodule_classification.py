@@ -598,3 +598,22 @@ def test_bundle_metadata_is_valid():
     assert meta["version"] in meta["changelog"]
     assert set(meta["network_data_format"]["inputs"]) == {"image"}
     assert set(meta["network_data_format"]["outputs"]) == {"pred"}
+
+
+def test_report_writer_threshold_optional_for_inference_and_required_otherwise(tmp_path):
+    """Inference on weights shared without threshold.json writes probabilities with an empty prediction column;
+    evaluation without the file stops, naming it."""
+    from types import SimpleNamespace
+
+    collector = SimpleNamespace(ids=["a", "b"], scores=[0.2, 0.9], labels=[], has_labels=False)
+    missing = tmp_path / "threshold.json"
+    nc.ClassificationReportWriter(collector, tmp_path, threshold_path=missing, name="inference",
+                                  threshold_optional=True)()
+    rows = (tmp_path / "inference_predictions.csv").read_text().splitlines()
+    assert rows == ["id,probability_malignant,prediction,label", "a,0.200000,,", "b,0.900000,,"]
+    with pytest.raises(FileNotFoundError, match="threshold.json"):
+        nc.ClassificationReportWriter(collector, tmp_path, threshold_path=missing, name="test")()
+    missing.write_text(json.dumps({"threshold": 0.5}))
+    nc.ClassificationReportWriter(collector, tmp_path, threshold_path=missing, name="inference",
+                                  threshold_optional=True)()
+    assert (tmp_path / "inference_predictions.csv").read_text().splitlines()[1:] == ["a,0.200000,0,", "b,0.900000,1,"]

@@ -166,6 +166,8 @@ class ClassificationReportWriter:
         threshold_path: ``threshold.json`` of the model. ``None``: the CSV has no prediction column and
             the metrics use a threshold chosen on these very cases, flagged as optimistic in the JSON.
         model_path: the evaluated ``model.pt``, checked against the threshold file.
+        threshold_optional: a ``threshold_path`` that does not exist counts as ``None`` (inference on weights
+            shared without it) and is logged; ``False``: a missing file is an error naming it.
         name: file prefix (``test``, ``inference``).
         n_boot: bootstrap resamples.
         seed: bootstrap seed.
@@ -174,7 +176,8 @@ class ClassificationReportWriter:
 
     def __init__(self, collector: ScoreCollector, output_dir: str | os.PathLike,
                  threshold_path: str | os.PathLike | None = None, model_path: str | os.PathLike | None = None,
-                 name: str = "test", n_boot: int = 1000, seed: int = 0, extra: dict | None = None) -> None:
+                 name: str = "test", n_boot: int = 1000, seed: int = 0, extra: dict | None = None,
+                 threshold_optional: bool = False) -> None:
         self.collector = collector
         self.output_dir = Path(output_dir)
         self.threshold_path = threshold_path
@@ -183,6 +186,7 @@ class ClassificationReportWriter:
         self.n_boot = n_boot
         self.seed = seed
         self.extra = dict(extra or {})
+        self.threshold_optional = bool(threshold_optional)
         self.report: dict | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -193,7 +197,11 @@ class ClassificationReportWriter:
         if not is_main_process():
             return
         c = self.collector
-        info = load_threshold(self.threshold_path, self.model_path) if self.threshold_path else None
+        threshold_path = self.threshold_path
+        if threshold_path and self.threshold_optional and not os.path.isfile(threshold_path):
+            logger.info("no threshold file at %s: the predictions have no prediction column", threshold_path)
+            threshold_path = None
+        info = load_threshold(threshold_path, self.model_path) if threshold_path else None
         threshold = info["threshold"] if info else None
         buf = io.StringIO()
         writer = csv.writer(buf)
@@ -209,7 +217,7 @@ class ClassificationReportWriter:
         if chosen_here:
             threshold = youden_threshold(c.scores, c.labels)
         report = binary_report(c.scores, c.labels, threshold, n_boot=self.n_boot, seed=self.seed)
-        report["threshold_source"] = "chosen on these cases (optimistic)" if chosen_here else str(self.threshold_path)
+        report["threshold_source"] = "chosen on these cases (optimistic)" if chosen_here else str(threshold_path)
         report.update(self.extra)
         self.report = report
         atomic_write_text(json.dumps(report, indent=2) + "\n", self.output_dir / f"{self.name}_metrics.json")
