@@ -38,7 +38,6 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ import yaml
 from dagman_components.atomic import atomic_write_bytes, replace_atomically
 from dagman_components.errors import DagmanError
 from dagman_components.runtime.progress import progress
+from dagman_components.weights.state_dict import file_hash
 
 __all__ = [
     "DEFAULT_SCHEMA_PATH",
@@ -297,22 +297,14 @@ def _is_required(rel: Path) -> bool:
     return rel.parts[0] == "configs" or rel.as_posix() in ("LICENSE", "docs/README.md", *LARGE_FILES_NAMES)
 
 
-def _file_hash(path: Path, hash_type: str = "sha256") -> str:
-    digest = hashlib.new(hash_type)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _large_file_entry(bundle: Path, rel: Path, listed: dict | None, url: str = "") -> dict:
     """A large_files entry for ``rel``: ``url``, else the url of an existing entry whose hash still matches."""
-    sha = _file_hash(bundle / rel)
+    sha = file_hash(bundle / rel)
     if url:
         return {"path": rel.as_posix(), "url": url, "hash_val": sha, "hash_type": "sha256"}
     if listed and listed.get("url") and listed.get("hash_val"):
         hash_type = listed.get("hash_type") or "sha256"  # monai.apps.utils.download_url's default
-        if hash_type in HASH_TYPES and _file_hash(bundle / rel, hash_type) == str(listed["hash_val"]).lower():
+        if hash_type in HASH_TYPES and file_hash(bundle / rel, hash_type) == str(listed["hash_val"]).lower():
             url = listed["url"]
     return {"path": rel.as_posix(), "url": url, "hash_val": sha, "hash_type": "sha256"}
 

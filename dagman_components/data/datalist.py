@@ -27,12 +27,29 @@ __all__ = [
     "DICOM_EXTENSION",
     "build_datalist",
     "validate_volumes",
+    "volume_stem",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: File name endings read as one volume each (compared in lower case).
 VOLUME_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def volume_stem(name: str) -> str:
+    """A volume file name without its extension (``.nii.gz``, ``.nrrd``, ...).
+
+    Example:
+        >>> volume_stem("lung_001.nii.gz")
+        'lung_001'
+    """
+    lower = name.lower()
+    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 #: File name ending of DICOM files; files without this ending are recognised by their preamble.
 DICOM_EXTENSION = ".dcm"
 

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from dagman_components.data import build_datalist
-from dagman_components.data.datalist import format_listing
+from dagman_components.data.datalist import format_listing, volume_stem
 from dagman_components.errors import DagmanError
 
 __all__ = ["NoduleTableError", "LabelRule", "read_nodule_table", "inference_datalist", "LIDC_ID_TEMPLATE"]
@@ -349,10 +349,5 @@ def inference_datalist(
         return read_table(source, image_dir, require_labels=False)
     items = build_datalist(source)
     for it in items:
-        name = os.path.basename(os.path.normpath(it["image"]))
-        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr"):
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
-        it["id"] = name
+        it["id"] = volume_stem(os.path.basename(os.path.normpath(it["image"])))
     return items

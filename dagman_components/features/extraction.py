@@ -39,6 +39,7 @@ from monai.transforms import Compose, DivisiblePadd, Invertd, ResizeWithPadOrCro
 
 from dagman_components.atomic import atomic_write_text, replace_atomically, save_nifti_atomic
 from dagman_components.data import DEFAULT_SPACING, HU_WINDOW, check_roi_size, ct_load_and_normalise
+from dagman_components.data.datalist import volume_stem
 from dagman_components.networks.outputs import EncoderOutput
 from dagman_components.runtime.progress import progress
 
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 FEATURES_FILE = "features.npz"
 #: One row per case: case, image, attention file, SA grid, encoded shape.
 CASES_FILE = "cases.csv"
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
@@ -70,11 +70,7 @@ def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
     names: list[str] = []
     seen: dict[str, int] = {}
     for image in images:
-        name = Path(os.fspath(image).rstrip("/\\")).name
-        for suffix in _SUFFIXES:
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
+        name = volume_stem(Path(os.fspath(image).rstrip("/\\")).name)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "case"
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")

@@ -24,7 +24,7 @@ import numpy as np
 
 from dagman_components.atomic import atomic_write_text
 from dagman_components.data import VOLUME_EXTENSIONS, DataSourceError, build_datalist
-from dagman_components.data.datalist import format_listing
+from dagman_components.data.datalist import format_listing, volume_stem
 
 __all__ = [
     "FOLDER_PAIRS",
@@ -50,20 +50,6 @@ FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net modality suffix of image names
 
 
-
-
-def volume_stem(name: str) -> str:
-    """A volume file name without its extension (``.nii.gz``, ``.nrrd``, ...).
-
-    Example:
-        >>> volume_stem("lung_001.nii.gz")
-        'lung_001'
-    """
-    lower = name.lower()
-    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def _volumes_in(folder: str) -> list[str]:

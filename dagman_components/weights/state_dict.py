@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_png",
     "atomic_save",
     "atomic_write_text",
+    "file_hash",
     "sha256_of",
     "LoadReport",
     "WeightLoadError",
@@ -47,13 +48,27 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 NESTED_KEYS = ("teacher", "state_dict", "model", "network", "student")
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """The hex digest of a file, read in 1 MiB chunks: the one file hash of the project (model cards, the
+    bundle's ``large_files``).
+
+    Args:
+        path: the file.
+        hash_type: a :func:`hashlib.new` name (``sha256``, ``md5``, ...).
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.new(hash_type)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (what model cards record)."""
+    return file_hash(path, "sha256")
 
 
 class WeightLoadError(DagmanError, ValueError):
