@@ -43,6 +43,7 @@ BOOLEAN_SETTINGS = frozenset(
         "resume",
         "save_attention",
         "teacher_amp",
+        "training_plan#run_on_images",
         "use_checkpoint",
         "use_flash_attention",
     }
