@@ -313,25 +313,25 @@ def test_training_plan_decides_every_mode_dependent_part():
     dataset = Dataset(images, transform=Compose([Lambdad("image", lambda x: x)]))
     prep = [Lambdad("image", lambda x: x)]
     net = nc.NoduleClassifier(_encoder(), mode="linear_probe")
-    probe = nc.TrainingPlan("linear_probe", net, token="cls", num_workers=3, augment=True)
-    assert probe.cached_features and probe.trained_network is net.head and probe.item_workers == 0
+    probe = nc.TrainingPlan("linear_probe", token="cls", num_workers=3, augment=True)
+    assert probe.cached_features and probe.trained_module(net) is net.head and probe.item_workers == 0
     assert not probe.probe_head_init and probe.train_transforms(prep) == prep  # embedded once, unaugmented
-    items = probe.train_items(dataset)
+    items = probe.train_items(dataset, net)
     assert isinstance(items, FrozenFeatureDataset) and len(items) == 4
     assert items.features[0].shape == (4, net.encoder.sa_dim)
-    assert isinstance(probe.validation_items(dataset), FrozenFeatureDataset)
-    tune = nc.TrainingPlan("finetune", net, num_workers=3, augment=True)
-    assert not tune.cached_features and tune.trained_network is net and tune.item_workers == 3 and tune.probe_head_init
+    assert isinstance(probe.validation_items(dataset, net), FrozenFeatureDataset)
+    tune = nc.TrainingPlan("finetune", num_workers=3, augment=True)
+    assert not tune.cached_features and tune.trained_module(net) is net and tune.item_workers == 3 and tune.probe_head_init
     assert len(tune.train_transforms(prep)) == 1 + len(nc.nodule_augmentation())
-    assert isinstance(tune.train_items(dataset), SeededItems) and tune.validation_items(dataset) is dataset
-    assert nc.TrainingPlan("finetune", net, augment=False, head_init="random").train_transforms(prep) == prep
-    assert not nc.TrainingPlan("finetune", net, head_init="random").probe_head_init
-    evaluation = nc.TrainingPlan("linear_probe", net, run_on_images=True)
-    assert evaluation.trained_network is net and evaluation.validation_items(dataset) is dataset
+    assert isinstance(tune.train_items(dataset, net), SeededItems) and tune.validation_items(dataset, net) is dataset
+    assert nc.TrainingPlan("finetune", augment=False, head_init="random").train_transforms(prep) == prep
+    assert not nc.TrainingPlan("finetune", head_init="random").probe_head_init
+    evaluation = nc.TrainingPlan("linear_probe", run_on_images=True)
+    assert evaluation.trained_module(net) is net and evaluation.validation_items(dataset, net) is dataset
     with pytest.raises(ValueError, match="mode must be one of"):
-        nc.TrainingPlan("linear_prob", net)
+        nc.TrainingPlan("linear_prob")
     with pytest.raises(ValueError, match="head_init"):
-        nc.TrainingPlan("finetune", net, head_init="zeros")
+        nc.TrainingPlan("finetune", head_init="zeros")
 
 
 def test_attention_overlay_has_the_input_shape_and_sums_to_one():

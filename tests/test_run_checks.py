@@ -127,7 +127,7 @@ def test_every_bundle_loads_data_with_workers_capped_by_the_cpus(bundle):
     assert parser.get_parsed_content("loader_workers") == available_cpus()
     loaders = [k for k in ("train#dataloader", "validate#dataloader") if k in parser]
     assert loaders and all(parser.get_parsed_content(f"{k}#num_workers") == available_cpus() for k in loaders)
-    if "item_workers" in parser:  # classification: cached features are in memory, loaded without workers
+    if "training_plan" in parser:  # classification: cached features are in memory, loaded without workers
         parser.update({"mode": "linear_probe"})
         assert all(parser.get_parsed_content(f"{k}#num_workers") == 0 for k in loaders)
 

@@ -46,9 +46,10 @@ class TrainingPlan:
     (augmented) images, its head first set to the linear probe's optimum when ``head_init`` is ``probe``.
     Evaluation and inference run the whole model on images in either mode (``run_on_images``).
 
+    The network is an argument of the methods that need it, so reading ``item_workers`` builds nothing.
+
     Args:
         mode: ``linear_probe`` or ``finetune``.
-        network: the :class:`~dagman_components.classification.NoduleClassifier` (``encoder``, ``head``).
         token: the encoder output the head reads (``cls`` or ``global``).
         seed: seed of the training items' random transforms.
         device: where the frozen encoder embeds the crops.
@@ -61,23 +62,22 @@ class TrainingPlan:
         ValueError: for an unknown ``mode`` or ``head_init``, naming the config key.
     """
 
-    def __init__(self, mode: str, network: nn.Module, token: str = "cls", seed: int = 0,
+    def __init__(self, mode: str, token: str = "cls", seed: int = 0,
                  device: torch.device | str | None = None, augment: bool = True, head_init: str = "probe",
                  num_workers: int = 0, run_on_images: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
         if head_init not in ("probe", "random"):
             raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}.")
-        self.mode, self.network, self.token = mode, network, str(token)
+        self.mode, self.token = mode, str(token)
         self.seed, self.device, self.augment, self.head_init = int(seed), device, bool(augment), head_init
         self.num_workers = int(num_workers)
         #: The head trains on features cached once from the frozen encoder.
         self.cached_features = mode == "linear_probe" and not run_on_images
 
-    @property
-    def trained_network(self) -> nn.Module:
-        """What the trainer and the evaluator run: the head on cached features, else the whole network."""
-        return unwrap(self.network).head if self.cached_features else self.network
+    def trained_module(self, network: nn.Module) -> nn.Module:
+        """What the trainer and the evaluator run: the classifier's head on cached features, else ``network``."""
+        return unwrap(network).head if self.cached_features else network
 
     @property
     def item_workers(self) -> int:
@@ -94,17 +94,18 @@ class TrainingPlan:
         augmentation = nodule_augmentation() if self.augment and not self.cached_features else []
         return [*preprocessing, *augmentation]
 
-    def train_items(self, dataset: Any) -> Any:
-        """The training items: cached features, or the images with each item's random transforms seeded."""
+    def train_items(self, dataset: Any, network: nn.Module) -> Any:
+        """The training items: features cached with ``network``'s frozen encoder, or the images with each item's
+        random transforms seeded."""
         if self.cached_features:
-            return FrozenFeatureDataset(dataset, unwrap(self.network).encoder, self.token, seed=self.seed,
+            return FrozenFeatureDataset(dataset, unwrap(network).encoder, self.token, seed=self.seed,
                                         device=self.device, description="training features")
         return SeededItems(dataset)
 
-    def validation_items(self, dataset: Any) -> Any:
-        """The validation items: cached features, or the images."""
+    def validation_items(self, dataset: Any, network: nn.Module) -> Any:
+        """The validation items: features cached with ``network``'s frozen encoder, or the images."""
         if self.cached_features:
-            return FrozenFeatureDataset(dataset, unwrap(self.network).encoder, self.token, device=self.device,
+            return FrozenFeatureDataset(dataset, unwrap(network).encoder, self.token, device=self.device,
                                         description="validation features")
         return dataset
 
