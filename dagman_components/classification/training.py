@@ -138,7 +138,7 @@ def classifier_trainer(mode: str, device: torch.device, network: nn.Module, trai
                                   train_handlers=train_handlers)
     if mode == "finetune":
         return SupervisedTrainer(device=device, network=network, train_handlers=train_handlers, **supervised)
-    raise ValueError(f"mode must be 'linear_probe' or 'finetune', got {mode!r}.")
+    raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
 
 
 class ProbeHeadInit:
