@@ -12,6 +12,9 @@ Arms, all on the same Swin backbone, input size and batch (two views of ``--batc
   semantic attention through ``scaled_dot_product_attention`` where a fused kernel takes the pass);
 - ``dagman_compiled``: the DAGMaN step with the student and teacher compiled (``compile``: inductor);
 - ``dagman_fused_compiled``: both;
+- ``dagman_adamw_fused``: the DAGMaN step with AdamW's fused kernel (``fused_optimizer``, the bundles'
+  default) instead of its foreach kernel (the other arms, the step before the fused optimizer);
+- ``dagman_compiled_adamw_fused``: compiled, with AdamW's fused kernel (``compile: true`` in a bundle);
 - ``matmul``: a square matmul of the same dtype, the machine's practical peak.
 
 The fused and compiled arms do the DAGMaN step's work, so their GFLOP/s use its FLOP count (the
@@ -66,6 +69,7 @@ from dagman_components.networks import (  # noqa: E402
     SwinDAGMaN,
     make_teacher,
 )
+from dagman_components.optim.optimizers import adamw  # noqa: E402
 from dagman_components.optim.param_groups import param_groups_weight_decay  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -119,16 +123,17 @@ def encoder_kwargs(args, fused: bool = False) -> dict:
 
 
 Step = Callable[[dict], None]
-#: The DAGMaN step's speed-up arms: (name, fused attention, compiled).
-VARIANTS = (("fused", True, False), ("compiled", False, True), ("fused_compiled", True, True))
+#: The DAGMaN step's speed-up arms: (name, fused attention, compiled, AdamW's fused kernel).
+VARIANTS = (("fused", True, False, False), ("compiled", False, True, False), ("fused_compiled", True, True, False),
+            ("adamw_fused", False, False, True), ("compiled_adamw_fused", False, True, True))
 
 
 def build_dagman(args, device: torch.device, amp: bool, teacher_amp: bool = False, fused: bool = False,
-                 compile: bool = False) -> Step:
+                 compile: bool = False, fused_optimizer: bool = False) -> Step:
     """One DAGMaN optimizer step (teacher pass, masks, student, losses, AdamW, EMA)."""
     student = DAGMaNPretrainNetwork(SwinDAGMaN(**encoder_kwargs(args, fused)), out_dim=args.out_dim).to(device)
     teacher = make_teacher(student)
-    opt = torch.optim.AdamW(param_groups_weight_decay(student), lr=1e-4, foreach=True)
+    opt = adamw(param_groups_weight_decay(student), lr=1e-4, fused=fused_optimizer)
     trainer = CoDistillationTrainer(
         device=device, max_epochs=1, train_data_loader=[None], network=student, teacher=teacher, optimizer=opt,
         loss_function=DAGMaNLoss(args.out_dim).to(device), masking=AttentionGuidedMasking(),
@@ -231,9 +236,9 @@ def build_arms(args, device: torch.device, dtypes: list[str], only: str | None =
         builders[f"dagman_{d}"] = lambda amp=amp: build_dagman(args, device, amp)
         if d == "fp32" and bf16_available(device):
             builders["dagman_fp32_bf16_teacher"] = lambda: build_dagman(args, device, False, teacher_amp=True)
-        for variant, fused, compile in VARIANTS:
-            builders[f"dagman_{variant}_{d}"] = lambda amp=amp, f=fused, c=compile: build_dagman(
-                args, device, amp, fused=f, compile=c)
+        for variant, fused, compile, fused_optimizer in VARIANTS:
+            builders[f"dagman_{variant}_{d}"] = lambda amp=amp, f=fused, c=compile, o=fused_optimizer: build_dagman(
+                args, device, amp, fused=f, compile=c, fused_optimizer=o)
         builders[f"matmul_{d}"] = lambda amp=amp: build_matmul(args, device, amp)
     steps, flops = {}, {}
     for name, build in builders.items():
@@ -284,7 +289,7 @@ def component_shares(step: Step, batch: dict, device: torch.device) -> dict[str,
 
 def base_arm(name: str) -> str:
     """The arm whose FLOPs an arm does: ``dagman_<dtype>`` for the speed-up arms, else the arm itself."""
-    for variant, _, _ in VARIANTS:
+    for variant, *_ in VARIANTS:
         if name.startswith(f"dagman_{variant}_"):
             return "dagman_" + name.rsplit("_", 1)[1]
     return name
@@ -386,7 +391,7 @@ def main(argv=None) -> dict:
     if "dagman_bf16" in steps and "dagman_fp32" in steps:
         result["bf16_speedup_dagman"] = round(seconds["dagman_fp32"] / seconds["dagman_bf16"], 3)
     for d in dtypes:
-        for variant, _, _ in VARIANTS:
+        for variant, *_ in VARIANTS:
             if f"dagman_{variant}_{d}" in steps:
                 result[f"speedup_{variant}_{d}"] = round(seconds[f"dagman_{d}"] / seconds[f"dagman_{variant}_{d}"], 3) \
                     if f"dagman_{d}" in steps else None

@@ -37,6 +37,7 @@ BOOLEAN_SETTINGS = frozenset(
         "clean_teacher_attention",
         "compile",
         "fill_holes",
+        "fused_optimizer",
         "head_batch_norm",
         "keep_largest_component",
         "probe_attention",
