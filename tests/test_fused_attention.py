@@ -102,6 +102,7 @@ def test_pretraining_config_passes_the_speed_options_and_its_card_records_them()
     encoder = parser.get_parsed_content("network_def").encoder
     assert encoder.sa.use_flash_attention and any(type(m) is FusedWindowAttention for m in encoder.modules())
     assert parser["train"]["trainer"]["compile"] == "@compile"
+    assert card["training"]["fused_optimizer"] is True and parser.get_parsed_content("optimizer").defaults["fused"]
 
 
 @pytest.mark.parametrize("bundle, overrides", [
@@ -122,3 +123,7 @@ def test_fine_tuning_configs_pass_the_speed_options(bundle, overrides):
     assert sum(type(m) is FusedWindowAttention for m in network.modules()) == 14  # depths 2-2-8-2, the defaults
     assert isinstance(network.__dict__["forward"], CompiledForward)
     assert not any("_orig_mod" in key for key in network.state_dict())
+    assert parser.get_parsed_content("optimizer").defaults["fused"] is True  # AdamW's fused kernel by default
+    parser["fused_optimizer"] = False
+    off = parser.get_parsed_content("optimizer", lazy=False).defaults
+    assert not off["fused"] and off["foreach"] is True
