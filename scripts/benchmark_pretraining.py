@@ -212,9 +212,9 @@ def time_once(step: Step, batch: dict, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved_medians(steps: dict[str, Step], batch: dict, device: torch.device, warmup: int,
-                        rounds: int) -> dict[str, float]:
-    """Median seconds per step of each arm, the arms timed one step each per round, in turn."""
+def interleaved_times(steps: dict[str, Step], batch: dict, device: torch.device, warmup: int,
+                      rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each arm in every round, the arms timed one step each per round, in turn."""
     for _ in range(warmup):
         for step in steps.values():
             step(batch)
@@ -223,7 +223,7 @@ def interleaved_medians(steps: dict[str, Step], batch: dict, device: torch.devic
         for name, step in steps.items():
             times[name].append(time_once(step, batch, device))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def build_arms(args, device: torch.device, dtypes: list[str], only: str | None = None) -> tuple[dict[str, Step], dict[str, float]]:
@@ -314,6 +314,40 @@ def bf16_available(device: torch.device) -> bool:
     return device.type == "cuda" or cpu_has_native_bf16()
 
 
+def plot_step_times(result: dict, path: Path) -> None:
+    """Draw each arm's median s/step (bars; the range over the rounds where the result has it), one
+    panel per dtype, each bar labelled with its speed-up over today's DAGMaN step of that dtype."""
+    from dagman_components.visualize.backend import pyplot
+    from dagman_components.visualize.heatmap import save_figure_atomic
+
+    arms = [k[: -len("_step_s")] for k in result if k.endswith("_step_s") and not k.startswith("matmul")]
+    dtypes = [d for d in ("fp32", "bf16") if any(a.endswith(d) for a in arms)]
+    if not dtypes:
+        raise SystemExit("the result has no timed arms to draw")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.0 * len(dtypes), 4.2), dpi=120, squeeze=False)
+    for ax, d in zip(axes[0], dtypes):
+        names = [a for a in arms if a.endswith(d)]
+        medians = [result[f"{a}_step_s"] for a in names]
+        rounds = [result.get(f"{a}_rounds_s") for a in names]
+        low = [m - min(r) if r else 0.0 for m, r in zip(medians, rounds)]
+        high = [max(r) - m if r else 0.0 for m, r in zip(medians, rounds)]
+        colours = ["0.6" if a.startswith("backbone") else "tab:blue" if a == f"dagman_{d}" else "tab:orange" for a in names]
+        ax.barh(range(len(names)), medians, xerr=[low, high], color=colours, capsize=3)
+        base = result.get(f"dagman_{d}_step_s")
+        for i, (a, m) in enumerate(zip(names, medians)):
+            if base and a.startswith("dagman_"):
+                ax.text(m, i, f"  {base / m:.2f}x", va="bottom", fontsize=8)
+        ax.set_yticks(range(len(names)), [a[: -len(d) - 1] for a in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("s / step (median; bars: range over rounds)")
+        ax.set_title(f"{d}: speed-up over today's DAGMaN step")
+    fig.suptitle(f"{result.get('device', '')}, ROI {result.get('roi')}, batch {result.get('batch')}, "
+                 f"embed {result.get('embed_dim')}, {result.get('rounds')} interleaved rounds", fontsize=9)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--roi", type=int, default=64, help="cubic view size, divisible by 32")
@@ -332,9 +366,21 @@ def main(argv=None) -> dict:
                    help="keep only these arms (e.g. dagman_bf16 dagman_fused_bf16); backbone and matmul always run")
     p.add_argument("--top-ops", type=int, default=8, help="profile every DAGMaN arm once: its N heaviest operators")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-arm peak memory processes")
+    p.add_argument("--figure", type=Path, default=None, help="write a PNG of each arm's s/step to this path")
+    p.add_argument("--plot-only", type=Path, default=None, metavar="JSON",
+                   help="only draw --figure from a saved result (the last line this script printed)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one arm's peak memory
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.plot_only:
+        if args.figure is None:
+            p.error("--plot-only needs --figure")
+        try:
+            saved = json.loads(args.plot_only.read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError) as err:
+            raise SystemExit(f"--plot-only {args.plot_only}: not a result of this script ({err})") from err
+        plot_step_times(saved, args.figure)
+        return saved
     if args.roi % 32:
         p.error(f"--roi {args.roi} is not divisible by 32")
     if args.threads:
@@ -359,7 +405,8 @@ def main(argv=None) -> dict:
         if base_arm(name) != name:
             flops[name] = flops[base_arm(name)] if base_arm(name) in flops else flops_of(
                 build_arms(args, device, dtypes, only=base_arm(name))[0][base_arm(name)], batch)
-    seconds = interleaved_medians(steps, batch, device, args.warmup, args.rounds)
+    round_times = interleaved_times(steps, batch, device, args.warmup, args.rounds)
+    seconds = {name: statistics.median(t) for name, t in round_times.items()}
     memory = {name: peak_memory_mb(name, argv) if args.memory and "compiled" not in name else float("nan")
               for name in steps if not name.startswith("matmul")}
     shares = component_shares(steps["dagman_fp32"], batch, device) if "dagman_fp32" in steps else {}
@@ -377,6 +424,7 @@ def main(argv=None) -> dict:
         d = "bf16" if name.endswith("bf16") else "fp32"
         gflops = flops[name] / 1e9 / seconds[name]
         result[f"{name}_step_s"] = round(seconds[name], 4)
+        result[f"{name}_rounds_s"] = [round(t, 4) for t in round_times[name]]
         result[f"{name}_gflop_per_s"] = round(gflops, 2)
         if not name.startswith("matmul"):
             result[f"{name}_gflop"] = round(flops[name] / 1e9, 2)
@@ -404,6 +452,8 @@ def main(argv=None) -> dict:
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
     print(json.dumps(result))
+    if args.figure:
+        plot_step_times(result, args.figure)
     return result
 
 
