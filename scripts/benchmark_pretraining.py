@@ -153,7 +153,7 @@ def build_dagman(args, device: torch.device, amp: bool, teacher_amp: bool = Fals
 def build_mim(args, device: torch.device, amp: bool) -> Step:
     """One SimMIM-like step: random masks on the SA grid, L1 reconstruction, AdamW."""
     net = MaskedReconstructionNetwork(SwinDAGMaN(**encoder_kwargs(args), sa_stage=None)).to(device)
-    opt = torch.optim.AdamW(param_groups_weight_decay(net), lr=1e-4, foreach=True)
+    opt = adamw(param_groups_weight_decay(net), lr=1e-4, fused=False)  # the step before the fused optimizer
     masking = AttentionGuidedMasking("random").set_random_state(0)
     enc = net.encoder
     enabled, dtype = autocast_settings(device, amp, "bfloat16" if device.type == "cpu" else "auto")
